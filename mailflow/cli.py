@@ -1,0 +1,167 @@
+"""The ``mailflow`` command: parse arguments, build adapters, call one function, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from mailflow import __version__
+from mailflow.checks import load_checked_config
+from mailflow.clock import FixedClock, SystemClock
+from mailflow.config import Config
+from mailflow.engine import Engine
+from mailflow.errors import ConfigError, MailflowError, UsageError
+from mailflow.report import format_status_table
+from mailflow.sender import LocalTransport, SmtpTransport, Transport
+from mailflow.store import Store
+
+DEFAULT_CONFIG = "mailflow.yaml"
+PREVIEW_KINDS = ("request", "reminder", "overdue")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailflow",
+        description="Collect the same workbook from many delegations by email: requests, reminders, replies.",
+    )
+    parser.add_argument("--config", help=f"configuration file (default: $MAILFLOW_CONFIG or ./{DEFAULT_CONFIG})")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step (level DEBUG)")
+    parser.add_argument("--version", action="version", version=f"mailflow {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("check-config", help="validate the configuration and everything it points to")
+
+    tick = commands.add_parser("tick", help="one full pass: send everything that is due")
+    tick.add_argument("--now", help="the instant of the pass, ISO 8601 (default: the system clock)")
+
+    status = commands.add_parser("status", help="where every delegation stands")
+    status.add_argument("--campaign", help="only this campaign")
+    status.add_argument("--json", action="store_true", help="JSON for scripts")
+    status.add_argument("--now", help="as of this instant, ISO 8601 (default: the system clock)")
+
+    preview = commands.add_parser("preview", help="render one email as it would be sent, without sending")
+    preview.add_argument("kind", choices=PREVIEW_KINDS)
+    preview.add_argument("--delegation", required=True, help="delegation id")
+    preview.add_argument("--campaign", help="campaign id (needed when there are several)")
+    preview.add_argument("--now", help="render as of this instant (default: the system clock)")
+    preview.add_argument("--html", action="store_true", help="print the HTML part instead of the text part")
+    preview.add_argument("--eml", metavar="PATH", help="also write the whole message to PATH")
+    return parser
+
+
+def parse_now(value: str | None, config: Config) -> datetime | None:
+    """``--now``: ISO 8601; without an offset it is read in the secretariat's time zone."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--now {value!r} is not an ISO 8601 instant (e.g. 2017-10-18T10:00:00-06:00)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=config.secretariat.tz)
+    return moment
+
+
+def make_transport(config: Config) -> Transport:
+    if config.mail.transport == "local":
+        return LocalTransport(config.mail.local.outbox)
+    assert config.mail.smtp is not None  # guaranteed by config validation
+    return SmtpTransport(config.mail.smtp)
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("MAILFLOW_CONFIG") or DEFAULT_CONFIG)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_checked_config(_config_path(args))
+    _setup_logging("DEBUG" if args.verbose or args.debug else config.log_level)
+    if args.command == "check-config":
+        campaigns = ", ".join(c.id for c in config.campaigns) or "none"
+        print(f"{config.path}: OK ({len(config.delegations)} delegations; campaigns: {campaigns})")
+        return 0
+    now_arg = parse_now(getattr(args, "now", None), config)
+    clock = FixedClock(now_arg) if now_arg else SystemClock()
+    with Store.open(config.store) as store:
+        engine = Engine(config, store, make_transport(config), clock)
+        now = clock.now()
+        if args.command == "tick":
+            report = engine.tick(now)
+            print(
+                f"tick {now.isoformat()}: {len(report.sent)} sent, {len(report.retried)} to retry, "
+                f"{len(report.failed)} failed, {report.skipped} superseded, {len(report.compose_errors)} not composed"
+            )
+            return 1 if report.failed or report.compose_errors else 0
+        if args.command == "status":
+            statuses = engine.status(now, args.campaign)
+            if args.json:
+                print(json.dumps({"campaigns": [c.as_json() for c in statuses]}, ensure_ascii=False, indent=2))
+            else:
+                print(format_status_table(statuses, config.secretariat.tz))
+            return 0
+        if args.command == "preview":
+            message = engine.preview(args.kind, args.delegation, args.campaign, now)
+            if args.eml:
+                Path(args.eml).write_bytes(message.as_bytes())
+            print(_preview_text(message, html=args.html))
+            return 0
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def _preview_text(message: object, *, html: bool) -> str:
+    from email.message import EmailMessage
+
+    assert isinstance(message, EmailMessage)
+    lines = [f"{name}: {value}" for name, value in message.items()]
+    body = message.get_body(preferencelist=("html",) if html else ("plain",))
+    lines.append("")
+    lines.append(body.get_content() if body is not None else "(no body)")
+    for part in message.iter_attachments():
+        payload = part.get_payload(decode=True)
+        size = len(payload) if isinstance(payload, bytes) else 0
+        lines.append(f"[attachment: {part.get_filename()} ({part.get_content_type()}, {size} bytes)]")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"mailflow: {len(exc.problems)} configuration problem(s); nothing was done", file=sys.stderr)
+        if args.debug:
+            raise
+        return exc.exit_code
+    except MailflowError as exc:
+        print(f"mailflow: error: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mailflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"mailflow: unexpected error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

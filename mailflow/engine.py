@@ -1,0 +1,616 @@
+"""The workflow: from configuration, store and "now" to emails recorded and sent.
+
+A pass has three steps, each safe to interrupt:
+
+1. **plan**: ask :mod:`mailflow.schedule` what is due for each delegation and
+   record it in the outbox (one row per slot, so nothing is ever planned twice;
+   missed reminders that are not the latest are recorded as skipped);
+2. **compose**: render every planned email that has no body yet and store its
+   bytes (a template error is recorded and retried, the others go on);
+3. **send**: hand every composed email to the transport over one connection,
+   recording each result in its own transaction. The Message-ID is fixed at
+   planning, so a retry after a temporary failure sends the very same email.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from typing import Any
+
+from mailflow import schedule
+from mailflow.clock import Clock
+from mailflow.config import Campaign, Config, Delegation
+from mailflow.errors import (
+    MailflowError,
+    PermanentSendError,
+    ServerUnavailable,
+    TemporarySendError,
+    UsageError,
+)
+from mailflow.render import Attachment, Renderer, build_message, make_message_id, subject_reference, timezone_label
+from mailflow.render import format_date as render_date
+from mailflow.sender import Batch, Transport
+from mailflow.store import DelegationState, OutboxRow, OutboxStatus, StateRow, Store
+from mailflow.workbook import MasterLayout, RequestWorkbookFactory, make_fingerprint, read_master
+
+log = logging.getLogger("mailflow")
+
+CAMPAIGN_KINDS = (schedule.REQUEST, schedule.REMINDER, schedule.OVERDUE)
+DEFAULT_ATTACHMENT_NAMES = {"es": "{campaign} - {delegation}.xlsx", "en": "{campaign} - {delegation}.xlsx"}
+
+
+@dataclass
+class TickReport:
+    """What one pass did: counts for people, ids for tests and logs."""
+
+    planned: int = 0
+    skipped: int = 0
+    sent: list[int] = field(default_factory=list)
+    retried: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    compose_errors: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DelegationStatus:
+    """A delegation's standing in one campaign at one instant."""
+
+    id: str
+    name: str
+    state: DelegationState
+    overdue: bool
+    filled: int
+    total: int
+    missing: tuple[str, ...]
+    last_reply_at: datetime | None
+    next_reminder_at: datetime | None
+    deadline_at: datetime
+    refused_contacts: tuple[str, ...]
+    send_problem: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state.value,
+            "overdue": self.overdue,
+            "filled": self.filled,
+            "total": self.total,
+            "missing": list(self.missing),
+            "last_reply_at": _iso(self.last_reply_at),
+            "next_reminder_at": _iso(self.next_reminder_at),
+            "deadline_at": _iso(self.deadline_at),
+            "refused_contacts": list(self.refused_contacts),
+            "send_problem": self.send_problem,
+        }
+
+
+@dataclass(frozen=True)
+class CampaignStatus:
+    id: str
+    title: str
+    delegations: tuple[DelegationStatus, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "delegations": [d.as_json() for d in self.delegations]}
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).isoformat() if moment else None
+
+
+class Engine:
+    """Carries out the workflow for one configuration against one store and transport."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        transport: Transport,
+        clock: Clock,
+        renderer: Renderer | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.transport = transport
+        self.clock = clock
+        self.renderer = renderer or Renderer(config.templates)
+        self._layouts: dict[str, MasterLayout] = {}
+        self._factories: dict[str, RequestWorkbookFactory] = {}
+        self._secret: bytes | None = None
+
+    # -- shared helpers ----------------------------------------------------
+
+    @property
+    def secret(self) -> bytes:
+        if self._secret is None:
+            configured = self.config.fingerprint_secret
+            self._secret = configured.encode("utf-8") if configured else self.store.secret()
+        return self._secret
+
+    def layout(self, campaign: Campaign) -> MasterLayout:
+        if campaign.id not in self._layouts:
+            self._layouts[campaign.id] = read_master(
+                campaign.workbook, campaign.key_column, campaign.fill_column, campaign.sheet
+            )
+        return self._layouts[campaign.id]
+
+    def _factory(self, campaign: Campaign) -> RequestWorkbookFactory:
+        if campaign.id not in self._factories:
+            self._factories[campaign.id] = RequestWorkbookFactory(campaign.workbook, self.layout(campaign))
+        return self._factories[campaign.id]
+
+    def _backoff(self, attempts: int) -> timedelta:
+        mail = self.config.mail
+        seconds = min(mail.retry_base_seconds * 2 ** max(attempts - 1, 0), mail.retry_max_seconds)
+        return timedelta(seconds=seconds)
+
+    def _initial_state(self, campaign: Campaign) -> tuple[int, tuple[str, ...]]:
+        keys = self.layout(campaign).keys
+        return len(keys), tuple(keys)
+
+    # -- the pass ----------------------------------------------------------
+
+    def tick(self, now: datetime | None = None) -> TickReport:
+        """One full outgoing pass at ``now``: plan, compose, send."""
+        now = now or self.clock.now()
+        report = TickReport()
+        self.plan(now, report)
+        self.compose_pending(now, report)
+        self.send_pending(report)
+        return report
+
+    def plan(self, now: datetime, report: TickReport | None = None) -> TickReport:
+        """Record in the outbox every email that is due at ``now`` (and the slots it supersedes)."""
+        report = report or TickReport()
+        for campaign in self.config.campaigns:
+            recorded = self.store.outbox_slots(campaign.id)
+            states = self.store.states(campaign.id)
+            request_sent = self.store.request_sent_at(campaign.id)
+            for delegation in self.config.campaign_delegations(campaign):
+                state = states.get(delegation.id)
+                decision = schedule.decide(
+                    schedule.slots(campaign, delegation),
+                    now=now,
+                    done=recorded.get(delegation.id, {}).keys(),
+                    complete=state is not None and state.state is DelegationState.COMPLETE,
+                    request_sent_at=request_sent.get(delegation.id),
+                )
+                if decision.due or decision.superseded:
+                    self._record_decision(campaign, delegation, decision, state, now, report)
+        return report
+
+    def _record_decision(
+        self,
+        campaign: Campaign,
+        delegation: Delegation,
+        decision: schedule.Decision,
+        state: StateRow | None,
+        now: datetime,
+        report: TickReport,
+    ) -> None:
+        with self.store.transaction():
+            if state is None:
+                total, missing = self._initial_state(campaign)
+                self.store.set_state(
+                    campaign.id,
+                    delegation.id,
+                    state=DelegationState.NOT_SENT,
+                    filled=0,
+                    total=total,
+                    missing=missing,
+                    at=now,
+                    reason="campaign opened",
+                )
+            due_keys = ", ".join(slot.key for slot in decision.due)
+            for slot in decision.superseded:
+                reason = (
+                    f"superseded by {due_keys}: missed while mailflow was not running"
+                    if due_keys
+                    else "fell due before the request went out"
+                )
+                outbox_id = self.store.add_outbox(
+                    campaign=campaign.id,
+                    delegation=delegation.id,
+                    kind=slot.kind,
+                    slot=slot.key,
+                    message_id=self._message_id(campaign, delegation, slot.key),
+                    status=OutboxStatus.SKIPPED,
+                    scheduled_at=slot.at,
+                    created_at=now,
+                    reason=reason,
+                )
+                if outbox_id is not None:
+                    report.skipped += 1
+                    self.store.record_event(
+                        now,
+                        "email_skipped",
+                        reason,
+                        campaign=campaign.id,
+                        delegation=delegation.id,
+                        detail={"kind": slot.kind, "slot": slot.key},
+                        outbox_id=outbox_id,
+                    )
+            for slot in decision.due:
+                outbox_id = self.store.add_outbox(
+                    campaign=campaign.id,
+                    delegation=delegation.id,
+                    kind=slot.kind,
+                    slot=slot.key,
+                    message_id=self._message_id(campaign, delegation, slot.key),
+                    status=OutboxStatus.PENDING,
+                    scheduled_at=slot.at,
+                    created_at=now,
+                )
+                if outbox_id is not None:
+                    report.planned += 1
+                    log.debug("planned %s %s for %s", slot.kind, slot.key, delegation.id)
+
+    def _message_id(self, campaign: Campaign, delegation: Delegation, slot: str) -> str:
+        return make_message_id(self.config.secretariat.domain, campaign.id, delegation.id, slot)
+
+    def compose_pending(self, now: datetime, report: TickReport | None = None) -> TickReport:
+        """Render every due outbox row that has no body yet; a failure is recorded and retried later."""
+        report = report or TickReport()
+        for row in self.store.pending(now):
+            if row.has_body:
+                continue
+            try:
+                message = self.compose(
+                    row.campaign, row.delegation, row.kind, row.scheduled_at or now, row.message_id, now
+                )
+            except (MailflowError, KeyError) as exc:
+                reason = f"cannot compose the {row.kind} for {row.delegation}: {_describe(exc)}"
+                log.error("%s", reason)
+                with self.store.transaction():
+                    self.store.mark_retry(row.id, reason, now + self._backoff(row.attempts + 1))
+                    self.store.record_event(
+                        now,
+                        "compose_failed",
+                        reason,
+                        campaign=row.campaign,
+                        delegation=row.delegation,
+                        detail={"kind": row.kind, "slot": row.slot},
+                        outbox_id=row.id,
+                    )
+                report.compose_errors.append(row.id)
+                continue
+            with self.store.transaction():
+                self.store.set_body(
+                    row.id, message.as_bytes(), subject=str(message["Subject"]), recipients=_recipients(message)
+                )
+        return report
+
+    def send_pending(self, report: TickReport | None = None) -> TickReport:
+        """Send every composed, due email over one connection, at most ``rate_per_minute``."""
+        report = report or TickReport()
+        rows = [row for row in self.store.pending(self.clock.now()) if row.has_body]
+        if not rows:
+            return report
+        interval = 60.0 / self.config.mail.rate_per_minute if self.config.mail.rate_per_minute else 0.0
+        last_sent: datetime | None = None
+        sender = self.config.secretariat.address
+        refused_before = {
+            delegation: {r.address for r in refusals} for delegation, refusals in self.store.refusals().items()
+        }
+        with Batch(self.transport) as batch:
+            for index, row in enumerate(rows):
+                if self._no_longer_needed(row):
+                    continue
+                gone = refused_before.get(row.delegation, set())
+                recipients = [address for address in row.recipients if address.lower() not in gone]
+                if not recipients:
+                    self._fail(
+                        row,
+                        "every contact of this delegation was refused by the mail server; "
+                        "correct the contacts in the configuration",
+                        {},
+                        report,
+                    )
+                    continue
+                if interval and last_sent is not None:
+                    wait = interval - (self.clock.now() - last_sent).total_seconds()
+                    self.clock.sleep(wait)
+                try:
+                    refused = batch.send(sender, recipients, self.store.body(row.id))
+                except ServerUnavailable as exc:
+                    # No connection at all: every remaining email waits for the next attempt.
+                    for waiting in rows[index:]:
+                        self._retry(waiting, str(exc), report)
+                    break
+                except TemporarySendError as exc:
+                    self._retry(row, str(exc), report)
+                    continue
+                except PermanentSendError as exc:
+                    self._fail(row, str(exc), exc.refused, report)
+                    continue
+                last_sent = self.clock.now()
+                self._sent(row, recipients, refused, report)
+        return report
+
+    def _no_longer_needed(self, row: OutboxRow) -> bool:
+        if row.kind not in (schedule.REMINDER, schedule.OVERDUE):
+            return False
+        state = self.store.state(row.campaign, row.delegation)
+        if state is None or state.state is not DelegationState.COMPLETE:
+            return False
+        now = self.clock.now()
+        with self.store.transaction():
+            self.store.mark_skipped(row.id, "the delegation completed its return before this was sent")
+            self.store.record_event(
+                now,
+                "email_skipped",
+                "delegation complete before sending",
+                campaign=row.campaign,
+                delegation=row.delegation,
+                detail={"kind": row.kind, "slot": row.slot},
+                outbox_id=row.id,
+            )
+        return True
+
+    def _sent(
+        self, row: OutboxRow, recipients: list[str], refused: Mapping[str, tuple[int, str]], report: TickReport
+    ) -> None:
+        now = self.clock.now()
+        refused_text = {address: f"{code} {text}" for address, (code, text) in refused.items()}
+        with self.store.transaction():
+            self.store.mark_sent(row.id, now, refused_text)
+            delivered = [a for a in recipients if a not in refused]
+            self.store.record_event(
+                now,
+                "email_sent",
+                f"{row.kind} sent to {', '.join(delivered)}",
+                campaign=row.campaign,
+                delegation=row.delegation,
+                detail={"kind": row.kind, "slot": row.slot, "message_id": row.message_id, "subject": row.subject},
+                outbox_id=row.id,
+            )
+            for address, (code, text) in refused.items():
+                self._refuse(row, address, code, text, now)
+            if row.kind == schedule.REQUEST and row.campaign:
+                state = self.store.state(row.campaign, row.delegation)
+                if state is not None and state.state is DelegationState.NOT_SENT:
+                    self.store.set_state(
+                        row.campaign,
+                        row.delegation,
+                        state=DelegationState.AWAITING,
+                        filled=state.filled,
+                        total=state.total,
+                        missing=state.missing,
+                        at=now,
+                        reason="request sent",
+                    )
+        report.sent.append(row.id)
+        log.info("sent %s to %s (%s)", row.kind, row.delegation or "secretariat", ", ".join(recipients))
+
+    def _refuse(self, row: OutboxRow, address: str, code: int | None, text: str, now: datetime) -> None:
+        self.store.record_refusal(address, row.delegation, code, text, now, row.id)
+        self.store.record_event(
+            now,
+            "contact_refused",
+            f"{address} refused for good: {code} {text}",
+            campaign=row.campaign,
+            delegation=row.delegation,
+            detail={"address": address, "code": code},
+            outbox_id=row.id,
+        )
+        log.warning("%s refused %s for good: %s %s", row.delegation, address, code, text)
+
+    def _retry(self, row: OutboxRow, error: str, report: TickReport) -> None:
+        now = self.clock.now()
+        next_at = now + self._backoff(row.attempts + 1)
+        with self.store.transaction():
+            self.store.mark_retry(row.id, error, next_at)
+            self.store.record_event(
+                now,
+                "send_retry",
+                error,
+                campaign=row.campaign,
+                delegation=row.delegation,
+                detail={"kind": row.kind, "slot": row.slot, "next_attempt_at": next_at.isoformat()},
+                outbox_id=row.id,
+            )
+        report.retried.append(row.id)
+        log.warning("%s to %s not sent, retry at %s: %s", row.kind, row.delegation, next_at.isoformat(), error)
+
+    def _fail(self, row: OutboxRow, error: str, refused: Mapping[str, tuple[int, str]], report: TickReport) -> None:
+        """A permanent failure; only recipients refused at RCPT are marked refused (not a message-level 5xx)."""
+        now = self.clock.now()
+        with self.store.transaction():
+            self.store.mark_failed(row.id, error, {a: f"{code} {text}" for a, (code, text) in refused.items()})
+            self.store.record_event(
+                now,
+                "send_failed",
+                error,
+                campaign=row.campaign,
+                delegation=row.delegation,
+                detail={"kind": row.kind, "slot": row.slot},
+                outbox_id=row.id,
+            )
+            for address, (code, text) in refused.items():
+                self._refuse(row, address, code, text, now)
+        report.failed.append(row.id)
+        log.error("%s to %s failed for good: %s", row.kind, row.delegation, error)
+
+    # -- composing ---------------------------------------------------------
+
+    def compose(
+        self,
+        campaign_id: str,
+        delegation_id: str,
+        kind: str,
+        scheduled_at: datetime,
+        message_id: str,
+        now: datetime,
+    ) -> EmailMessage:
+        """Render one campaign email (request, reminder or overdue notice) with its workbook attached."""
+        if kind not in CAMPAIGN_KINDS:
+            raise UsageError(f"unknown email kind {kind!r}; expected one of {', '.join(CAMPAIGN_KINDS)}")
+        campaign = self.config.campaign(campaign_id)
+        delegation = self.config.delegation(delegation_id)
+        layout = self.layout(campaign)
+        state = self.store.state(campaign.id, delegation.id)
+        if state is None:
+            total, missing_keys = self._initial_state(campaign)
+            filled = 0
+        else:
+            total, missing_keys, filled = state.total, state.missing, state.filled
+        labels = {row.key: row.label for row in layout.rows}
+        local_day = scheduled_at.astimezone(delegation.tz).date()
+        language = delegation.language
+        secretariat = self.config.secretariat
+        attachment_name = self.attachment_name(campaign, delegation)
+        context: dict[str, Any] = {
+            "kind": kind,
+            "language": language,
+            "secretariat": {"name": secretariat.name, "address": secretariat.address},
+            "delegation": {"id": delegation.id, "name": delegation.name},
+            "campaign": {"id": campaign.id, "title": campaign.title_in(language), "ref": campaign.ref},
+            "reference": subject_reference(campaign.ref, delegation.id),
+            "fill_column": campaign.fill_column,
+            "deadline": campaign.deadline,
+            "deadline_text": render_date(campaign.deadline, language),
+            "timezone_label": timezone_label(delegation.name, language),
+            "attachment_name": attachment_name,
+            "total": total,
+            "filled": filled,
+            "missing": [{"key": key, "label": labels.get(key, "")} for key in missing_keys],
+            "days_left": max((campaign.deadline - local_day).days, 0) if kind == schedule.REMINDER else 0,
+            "days_overdue": max((local_day - campaign.deadline).days, 0) if kind == schedule.OVERDUE else 0,
+        }
+        rendered = self.renderer.render(kind, language, context)
+        workbook = self._factory(campaign).build(make_fingerprint(self.secret, campaign.id, delegation.id))
+        return build_message(
+            rendered=rendered,
+            from_name=secretariat.name,
+            from_address=secretariat.address,
+            to=list(delegation.contacts),
+            reply_to=secretariat.address,
+            message_id=message_id,
+            date=now,
+            headers={
+                "X-Mailflow-Kind": kind,
+                "X-Mailflow-Campaign": campaign.id,
+                "X-Mailflow-Delegation": delegation.id,
+            },
+            attachments=[Attachment(attachment_name, workbook)],
+        )
+
+    def attachment_name(self, campaign: Campaign, delegation: Delegation) -> str:
+        pattern = campaign.attachment_name.get(delegation.language) or DEFAULT_ATTACHMENT_NAMES[delegation.language]
+        name = pattern.format(delegation=delegation.name, campaign=campaign.workbook.stem)
+        return name.replace("/", "-").replace("\\", "-")
+
+    def preview(self, kind: str, delegation_id: str, campaign_id: str | None, now: datetime) -> EmailMessage:
+        """The email ``kind`` as it would be sent to a delegation at ``now``; nothing is recorded."""
+        campaign = self._pick_campaign(campaign_id)
+        if delegation_id not in campaign.delegations:
+            known = ", ".join(campaign.delegations)
+            raise UsageError(f"delegation {delegation_id!r} is not in campaign {campaign.id} (known: {known})")
+        delegation = self.config.delegation(delegation_id)
+        # The slot of that kind a pass at `now` would send: the latest one due, else the first to come.
+        candidates = [slot for slot in schedule.slots(campaign, delegation) if slot.kind == kind]
+        past = [slot for slot in candidates if slot.at <= now]
+        chosen = past[-1] if past else (candidates[0] if candidates else None)
+        slot_key, scheduled_at = (chosen.key, chosen.at) if chosen else (kind, now)
+        message_id = self._message_id(campaign, delegation, slot_key)
+        return self.compose(campaign.id, delegation_id, kind, scheduled_at, message_id, now)
+
+    def _pick_campaign(self, campaign_id: str | None) -> Campaign:
+        if campaign_id is None:
+            if len(self.config.campaigns) == 1:
+                return self.config.campaigns[0]
+            known = ", ".join(c.id for c in self.config.campaigns) or "none configured"
+            raise UsageError(f"several campaigns: choose one with --campaign ({known})")
+        try:
+            return self.config.campaign(campaign_id)
+        except KeyError:
+            known = ", ".join(c.id for c in self.config.campaigns) or "none configured"
+            raise UsageError(f"unknown campaign {campaign_id!r} (known: {known})") from None
+
+    # -- status ------------------------------------------------------------
+
+    def status(self, now: datetime, campaign_id: str | None = None) -> list[CampaignStatus]:
+        """Where every delegation stands at ``now``."""
+        campaigns: Iterable[Campaign] = [self._pick_campaign(campaign_id)] if campaign_id else self.config.campaigns
+        refusals = self.store.refusals()
+        out: list[CampaignStatus] = []
+        for campaign in campaigns:
+            recorded = self.store.outbox_slots(campaign.id)
+            states = self.store.states(campaign.id)
+            request_sent = self.store.request_sent_at(campaign.id)
+            problems = self._send_problems(campaign.id)
+            total_default: int | None = None
+            keys_default: tuple[str, ...] = ()
+            rows: list[DelegationStatus] = []
+            for delegation in self.config.campaign_delegations(campaign):
+                state = states.get(delegation.id)
+                if state is None:
+                    if total_default is None:
+                        total_default, keys_default = self._initial_state(campaign)
+                    current, filled, total, missing, last_reply = (
+                        DelegationState.NOT_SENT,
+                        0,
+                        total_default,
+                        keys_default,
+                        None,
+                    )
+                else:
+                    current, filled, total, missing, last_reply = (
+                        state.state,
+                        state.filled,
+                        state.total,
+                        state.missing,
+                        state.last_reply_at,
+                    )
+                complete = current is DelegationState.COMPLETE
+                end = schedule.deadline_end(campaign, delegation)
+                upcoming = schedule.next_nudge(
+                    schedule.slots(campaign, delegation),
+                    now=now,
+                    done=recorded.get(delegation.id, {}).keys(),
+                    complete=complete,
+                    request_sent_at=request_sent.get(delegation.id),
+                )
+                rows.append(
+                    DelegationStatus(
+                        id=delegation.id,
+                        name=delegation.name,
+                        state=current,
+                        overdue=not complete and now >= end,
+                        filled=filled,
+                        total=total,
+                        missing=missing,
+                        last_reply_at=last_reply,
+                        next_reminder_at=upcoming.at if upcoming else None,
+                        deadline_at=end,
+                        refused_contacts=tuple(r.address for r in refusals.get(delegation.id, [])),
+                        send_problem=problems.get(delegation.id),
+                    )
+                )
+            out.append(CampaignStatus(campaign.id, campaign.title, tuple(rows)))
+        return out
+
+    def _send_problems(self, campaign_id: str) -> dict[str, str]:
+        """The latest sending problem per delegation: a pending retry or a permanent failure."""
+        problems: dict[str, str] = {}
+        for row in self.store.outbox(campaign=campaign_id):
+            if row.status is OutboxStatus.FAILED or (row.status is OutboxStatus.PENDING and row.last_error):
+                problems[row.delegation] = f"{row.kind}: {row.last_error}"
+        return problems
+
+
+def _recipients(message: EmailMessage) -> list[str]:
+    from email.utils import getaddresses
+
+    return [address for _, address in getaddresses(message.get_all("To", []))]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"{exc.args[0]!r} is no longer in the configuration"
+    return str(exc)

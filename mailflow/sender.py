@@ -1,0 +1,202 @@
+"""Outgoing mail: an SMTP adapter and its local twin (a maildir folder as outbox).
+
+A transport opens one :class:`Connection` for a batch; ``send`` returns the
+recipients the server refused for good and raises :class:`TemporarySendError`
+or :class:`PermanentSendError` for the message as a whole. Deciding what to do
+about a failure (retry later, mark a contact refused) is the engine's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mailbox
+import smtplib
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from mailflow.config import SmtpSettings
+from mailflow.errors import PermanentSendError, SendError, ServerUnavailable, TemporarySendError
+
+
+class Connection(Protocol):
+    """An open channel to send a batch of messages."""
+
+    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> dict[str, tuple[int, str]]:
+        """Send one message. Returns the recipients refused for good ({address: (code, text)})."""
+
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    """Something that can open a :class:`Connection`."""
+
+    name: str
+
+    def connect(self) -> Connection:
+        """Open a connection; raises TemporarySendError (or PermanentSendError for bad credentials)."""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class SmtpConnection:
+    """One SMTP session, reused for a whole batch."""
+
+    def __init__(self, client: smtplib.SMTP) -> None:
+        self._client = client
+
+    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> dict[str, tuple[int, str]]:
+        try:
+            refused = self._client.sendmail(sender, list(recipients), raw)
+        except smtplib.SMTPRecipientsRefused as exc:
+            codes = {addr: (code, _text(text)) for addr, (code, text) in exc.recipients.items()}
+            if all(code >= 500 for code, _ in codes.values()):
+                summary = "; ".join(f"{a}: {c} {t}" for a, (c, t) in codes.items())
+                raise PermanentSendError(
+                    f"every recipient refused: {summary}", code=min(c for c, _ in codes.values()), refused=codes
+                ) from exc
+            raise TemporarySendError(
+                "recipients temporarily refused: " + "; ".join(f"{a}: {c} {t}" for a, (c, t) in codes.items()),
+                code=max(c for c, _ in codes.values() if c < 500),
+            ) from exc
+        except smtplib.SMTPServerDisconnected as exc:
+            raise TemporarySendError(f"connection lost while sending: {exc}") from exc
+        except smtplib.SMTPResponseException as exc:
+            message = f"{exc.smtp_code} {_text(exc.smtp_error)}"
+            if 400 <= exc.smtp_code < 500:
+                raise TemporarySendError(f"server said {message}", code=exc.smtp_code) from exc
+            raise PermanentSendError(f"server refused: {message}", code=exc.smtp_code) from exc
+        except (OSError, smtplib.SMTPException) as exc:
+            raise TemporarySendError(f"sending failed: {exc}") from exc
+        out: dict[str, tuple[int, str]] = {}
+        for addr, (code, text) in refused.items():
+            out[addr] = (code, _text(text))
+        return out
+
+    def close(self) -> None:
+        try:
+            self._client.quit()
+        except (OSError, smtplib.SMTPException):
+            self._client.close()
+
+
+class SmtpTransport:
+    """SMTP submission with ``security: none | starttls | ssl`` and optional login."""
+
+    name = "smtp"
+
+    def __init__(self, settings: SmtpSettings, *, local_hostname: str | None = None) -> None:
+        self.settings = settings
+        self.local_hostname = local_hostname
+
+    def connect(self) -> SmtpConnection:
+        s = self.settings
+        where = f"SMTP server {s.host}:{s.port}"
+        client: smtplib.SMTP
+        try:
+            if s.security == "ssl":
+                client = smtplib.SMTP_SSL(
+                    s.host,
+                    s.port,
+                    timeout=s.timeout,
+                    context=ssl.create_default_context(),
+                    local_hostname=self.local_hostname,
+                )
+            else:
+                client = smtplib.SMTP(s.host, s.port, timeout=s.timeout, local_hostname=self.local_hostname)
+                if s.security == "starttls":
+                    client.ehlo()
+                    client.starttls(context=ssl.create_default_context())
+                    client.ehlo()
+        except smtplib.SMTPResponseException as exc:
+            raise TemporarySendError(
+                f"{where} refused the connection: {exc.smtp_code} {_text(exc.smtp_error)}"
+            ) from exc
+        except (OSError, smtplib.SMTPException) as exc:
+            raise TemporarySendError(f"cannot connect to {where}: {exc}") from exc
+        if s.username:
+            try:
+                client.login(s.username, s.password or "")
+            except smtplib.SMTPAuthenticationError as exc:
+                client.close()
+                raise PermanentSendError(
+                    f"{where} rejected the login of {s.username}: {exc.smtp_code} {_text(exc.smtp_error)}; "
+                    "check mail.smtp.username and password",
+                    code=exc.smtp_code,
+                ) from exc
+            except (OSError, smtplib.SMTPException) as exc:
+                client.close()
+                raise TemporarySendError(f"login to {where} failed: {exc}") from exc
+        return SmtpConnection(client)
+
+
+class LocalConnection:
+    """Writes each message into a maildir folder, as a server would deliver it."""
+
+    def __init__(self, folder: mailbox.Maildir) -> None:
+        self._folder = folder
+
+    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> dict[str, tuple[int, str]]:
+        envelope = f"X-Mailflow-Envelope-From: {sender}\r\nX-Mailflow-Envelope-To: {', '.join(recipients)}\r\n"
+        try:
+            self._folder.add(envelope.encode("ascii") + raw)
+        except OSError as exc:
+            raise TemporarySendError(f"cannot write to the local outbox: {exc}") from exc
+        return {}
+
+    def close(self) -> None:
+        return None
+
+
+class LocalTransport:
+    """The embedded local transport: no server, a maildir folder as outbox."""
+
+    name = "local"
+
+    def __init__(self, outbox: Path) -> None:
+        self.outbox = outbox
+
+    def connect(self) -> LocalConnection:
+        try:
+            return LocalConnection(mailbox.Maildir(self.outbox, create=True))
+        except OSError as exc:
+            raise TemporarySendError(f"cannot open the local outbox {self.outbox}: {exc}") from exc
+
+
+class Batch:
+    """A connection opened lazily, reopened once after a drop, closed at the end."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self._connection: Connection | None = None
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current connection (after an error that may have broken it)."""
+        if self._connection is not None:
+            with contextlib.suppress(OSError, smtplib.SMTPException):
+                self._connection.close()
+            self._connection = None
+
+    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> dict[str, tuple[int, str]]:
+        if self._connection is None:
+            try:
+                self._connection = self._transport.connect()
+            except SendError as exc:
+                raise ServerUnavailable(str(exc), code=exc.code) from exc
+        try:
+            return self._connection.send(sender, recipients, raw)
+        except TemporarySendError:
+            self.reset()
+            raise

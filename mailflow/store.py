@@ -1,0 +1,566 @@
+"""The tracking store: SQLite, the only module with SQL.
+
+WAL journal and a busy timeout so a reader (``status``) never blocks the
+service; a versioned schema migrated forward on open; an audit trail
+(``events``) recording every email sent and every change of a delegation's
+state with its time and reason. Every time is stored as aware UTC ISO 8601
+text, so text order is time order.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from mailflow.errors import StoreError
+
+BUSY_TIMEOUT_SECONDS = 15.0
+
+
+class DelegationState(StrEnum):
+    """Where a delegation stands in a campaign."""
+
+    NOT_SENT = "not_sent"
+    AWAITING = "awaiting"
+    PARTIAL = "partial"
+    COMPLETE = "complete"
+
+
+class OutboxStatus(StrEnum):
+    """Life of one outgoing email."""
+
+    PENDING = "pending"  # to be composed and/or sent (retried with backoff)
+    SENT = "sent"  # accepted by the server (or written to the local outbox)
+    FAILED = "failed"  # refused for good: every recipient permanently refused
+    SKIPPED = "skipped"  # never to be sent: superseded, or no longer needed
+
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: outbox, audit trail, delegation state, contact refusals, settings.
+    """
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        campaign TEXT NOT NULL,          -- '' for emails that belong to no campaign
+        delegation TEXT NOT NULL,        -- '' for emails to the secretariat
+        kind TEXT NOT NULL,
+        slot TEXT NOT NULL,
+        message_id TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL,
+        scheduled_at TEXT,
+        created_at TEXT NOT NULL,
+        recipients TEXT NOT NULL DEFAULT '[]',
+        subject TEXT NOT NULL DEFAULT '',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT,
+        last_error TEXT,
+        sent_at TEXT,
+        refused TEXT NOT NULL DEFAULT '{}',
+        UNIQUE (campaign, delegation, kind, slot)
+    );
+    CREATE INDEX outbox_pending ON outbox (status, next_attempt_at);
+    CREATE TABLE outbox_body (
+        outbox_id INTEGER PRIMARY KEY REFERENCES outbox (id) ON DELETE CASCADE,
+        raw BLOB NOT NULL
+    );
+    CREATE TABLE delegation_state (
+        campaign TEXT NOT NULL,
+        delegation TEXT NOT NULL,
+        state TEXT NOT NULL,
+        filled INTEGER NOT NULL DEFAULT 0,
+        total INTEGER NOT NULL DEFAULT 0,
+        missing TEXT NOT NULL DEFAULT '[]',
+        last_reply_at TEXT,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (campaign, delegation)
+    );
+    CREATE TABLE contact_refusal (
+        address TEXT PRIMARY KEY,        -- lower case
+        delegation TEXT NOT NULL,
+        code INTEGER,
+        reason TEXT NOT NULL,
+        at TEXT NOT NULL,
+        outbox_id INTEGER
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        campaign TEXT NOT NULL DEFAULT '',
+        delegation TEXT NOT NULL DEFAULT '',
+        kind TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '{}',
+        outbox_id INTEGER
+    );
+    CREATE INDEX events_by_delegation ON events (campaign, delegation, at);
+    """,
+)
+
+
+def to_text(moment: datetime) -> str:
+    """An aware datetime as UTC ISO 8601 text (naive ones are refused)."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"naive datetime {moment!r} cannot be stored")
+    return moment.astimezone(UTC).isoformat()
+
+
+def from_text(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One outgoing email as recorded."""
+
+    id: int
+    campaign: str
+    delegation: str
+    kind: str
+    slot: str
+    message_id: str
+    status: OutboxStatus
+    scheduled_at: datetime | None
+    created_at: datetime
+    recipients: tuple[str, ...]
+    subject: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    sent_at: datetime | None
+    refused: dict[str, str]
+    has_body: bool
+
+
+@dataclass(frozen=True)
+class StateRow:
+    """A delegation's standing in one campaign."""
+
+    campaign: str
+    delegation: str
+    state: DelegationState
+    filled: int
+    total: int
+    missing: tuple[str, ...]
+    last_reply_at: datetime | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A contact address the mail server refused for good."""
+
+    address: str
+    delegation: str
+    code: int | None
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of the audit trail."""
+
+    id: int
+    at: datetime
+    campaign: str
+    delegation: str
+    kind: str
+    reason: str
+    detail: dict[str, Any]
+    outbox_id: int | None
+
+
+_OUTBOX_COLUMNS = (
+    "o.id, o.campaign, o.delegation, o.kind, o.slot, o.message_id, o.status, o.scheduled_at, o.created_at, "
+    "o.recipients, o.subject, o.attempts, o.next_attempt_at, o.last_error, o.sent_at, o.refused, "
+    "EXISTS (SELECT 1 FROM outbox_body b WHERE b.outbox_id = o.id)"
+)
+
+
+def _outbox_row(row: Sequence[Any]) -> OutboxRow:
+    created = from_text(row[8])
+    assert created is not None
+    return OutboxRow(
+        id=row[0],
+        campaign=row[1],
+        delegation=row[2],
+        kind=row[3],
+        slot=row[4],
+        message_id=row[5],
+        status=OutboxStatus(row[6]),
+        scheduled_at=from_text(row[7]),
+        created_at=created,
+        recipients=tuple(json.loads(row[9])),
+        subject=row[10],
+        attempts=row[11],
+        next_attempt_at=from_text(row[12]),
+        last_error=row[13],
+        sent_at=from_text(row[14]),
+        refused=json.loads(row[15]),
+        has_body=bool(row[16]),
+    )
+
+
+class Store:
+    """The SQLite tracking store. Open with :meth:`open`; close when done."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+        self._depth = 0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """Open (creating if needed) the store at ``path`` and migrate it to the current schema."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+            )
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA foreign_keys=ON")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open the store {path}: {exc}; check the path and its permissions") from exc
+        store = cls(connection, path)
+        store.migrate()
+        return store
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        """Apply every migration newer than the file's version, each in its own transaction."""
+        current = self.schema_version
+        if current > len(MIGRATIONS):
+            raise StoreError(
+                f"the store {self.path} has schema version {current}, newer than this mailflow "
+                f"({len(MIGRATIONS)}); upgrade mailflow"
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for statement in _statements(MIGRATIONS[version - 1]):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {version}")
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise StoreError(f"cannot migrate the store {self.path} to version {version}: {exc}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic unit of work; nested calls join the outer transaction."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"the store {self.path} is busy or unwritable: {exc}") from exc
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._depth = 0
+            self._db.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._db.execute("ROLLBACK")
+            raise StoreError(f"cannot write to the store {self.path}: {exc}") from exc
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, params)
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"store {self.path}: {exc}") from exc
+
+    # -- settings ----------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = ?", (key, value, value)
+        )
+
+    def secret(self) -> bytes:
+        """The key of the workbook fingerprints, made once per store."""
+        with self.transaction():
+            value = self.get_meta("fingerprint_secret")
+            if value is None:
+                value = secrets.token_hex(32)
+                self.set_meta("fingerprint_secret", value)
+        return bytes.fromhex(value)
+
+    # -- audit trail -------------------------------------------------------
+
+    def record_event(
+        self,
+        at: datetime,
+        kind: str,
+        reason: str,
+        *,
+        campaign: str = "",
+        delegation: str = "",
+        detail: dict[str, Any] | None = None,
+        outbox_id: int | None = None,
+    ) -> None:
+        self._execute(
+            "INSERT INTO events (at, campaign, delegation, kind, reason, detail, outbox_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (to_text(at), campaign, delegation, kind, reason, json.dumps(detail or {}, ensure_ascii=False), outbox_id),
+        )
+
+    def events(self, campaign: str | None = None, delegation: str | None = None) -> list[Event]:
+        sql = "SELECT id, at, campaign, delegation, kind, reason, detail, outbox_id FROM events WHERE 1=1"
+        params: list[Any] = []
+        if campaign is not None:
+            sql += " AND campaign = ?"
+            params.append(campaign)
+        if delegation is not None:
+            sql += " AND delegation = ?"
+            params.append(delegation)
+        rows = self._execute(sql + " ORDER BY at, id", params).fetchall()
+        return [Event(r[0], datetime.fromisoformat(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]), r[7]) for r in rows]
+
+    # -- outbox ------------------------------------------------------------
+
+    def add_outbox(
+        self,
+        *,
+        campaign: str,
+        delegation: str,
+        kind: str,
+        slot: str,
+        message_id: str,
+        status: OutboxStatus,
+        scheduled_at: datetime | None,
+        created_at: datetime,
+        reason: str | None = None,
+    ) -> int | None:
+        """Record an email to send (or a slot skipped). Returns its id, or None if that slot was recorded before."""
+        cursor = self._execute(
+            "INSERT INTO outbox (campaign, delegation, kind, slot, message_id, status, scheduled_at, created_at, "
+            "next_attempt_at, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (
+                campaign,
+                delegation,
+                kind,
+                slot,
+                message_id,
+                status.value,
+                to_text(scheduled_at) if scheduled_at else None,
+                to_text(created_at),
+                to_text(created_at) if status is OutboxStatus.PENDING else None,
+                reason,
+            ),
+        )
+        return cursor.lastrowid if cursor.rowcount else None
+
+    def outbox_slots(self, campaign: str) -> dict[str, dict[str, OutboxStatus]]:
+        """For each delegation of a campaign, the slots recorded and their status."""
+        out: dict[str, dict[str, OutboxStatus]] = {}
+        for delegation, slot, status in self._execute(
+            "SELECT delegation, slot, status FROM outbox WHERE campaign = ?", (campaign,)
+        ):
+            out.setdefault(delegation, {})[slot] = OutboxStatus(status)
+        return out
+
+    def request_sent_at(self, campaign: str) -> dict[str, datetime]:
+        """When each delegation's request actually went out."""
+        rows = self._execute(
+            "SELECT delegation, sent_at FROM outbox WHERE campaign = ? AND kind = 'request' AND sent_at IS NOT NULL",
+            (campaign,),
+        )
+        return {delegation: datetime.fromisoformat(sent) for delegation, sent in rows}
+
+    def outbox(self, *, campaign: str | None = None, delegation: str | None = None) -> list[OutboxRow]:
+        sql = f"SELECT {_OUTBOX_COLUMNS} FROM outbox o WHERE 1=1"
+        params: list[Any] = []
+        if campaign is not None:
+            sql += " AND o.campaign = ?"
+            params.append(campaign)
+        if delegation is not None:
+            sql += " AND o.delegation = ?"
+            params.append(delegation)
+        return [_outbox_row(r) for r in self._execute(sql + " ORDER BY o.id", params)]
+
+    def outbox_row(self, outbox_id: int) -> OutboxRow:
+        row = self._execute(f"SELECT {_OUTBOX_COLUMNS} FROM outbox o WHERE o.id = ?", (outbox_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no outgoing email with id {outbox_id}")
+        return _outbox_row(row)
+
+    def pending(self, now: datetime) -> list[OutboxRow]:
+        """Emails waiting to be composed or sent whose next attempt is due."""
+        rows = self._execute(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox o WHERE o.status = 'pending' AND o.next_attempt_at <= ? "
+            "ORDER BY o.scheduled_at, o.id",
+            (to_text(now),),
+        )
+        return [_outbox_row(r) for r in rows]
+
+    def set_body(self, outbox_id: int, raw: bytes, *, subject: str, recipients: Sequence[str]) -> None:
+        self._execute("INSERT OR REPLACE INTO outbox_body (outbox_id, raw) VALUES (?, ?)", (outbox_id, raw))
+        self._execute(
+            "UPDATE outbox SET subject = ?, recipients = ? WHERE id = ?",
+            (subject, json.dumps(list(recipients)), outbox_id),
+        )
+
+    def body(self, outbox_id: int) -> bytes:
+        row = self._execute("SELECT raw FROM outbox_body WHERE outbox_id = ?", (outbox_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"the email {outbox_id} has no body yet")
+        return bytes(row[0])
+
+    def mark_sent(self, outbox_id: int, at: datetime, refused: dict[str, str] | None = None) -> None:
+        self._execute(
+            "UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1, next_attempt_at = NULL, "
+            "last_error = NULL, refused = ? WHERE id = ?",
+            (to_text(at), json.dumps(refused or {}, ensure_ascii=False), outbox_id),
+        )
+
+    def mark_retry(self, outbox_id: int, error: str, next_attempt_at: datetime) -> None:
+        self._execute(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ? WHERE id = ?",
+            (error, to_text(next_attempt_at), outbox_id),
+        )
+
+    def mark_failed(self, outbox_id: int, error: str, refused: dict[str, str] | None = None) -> None:
+        self._execute(
+            "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?, next_attempt_at = NULL, "
+            "refused = ? WHERE id = ?",
+            (error, json.dumps(refused or {}, ensure_ascii=False), outbox_id),
+        )
+
+    def mark_skipped(self, outbox_id: int, reason: str) -> None:
+        self._execute(
+            "UPDATE outbox SET status = 'skipped', last_error = ?, next_attempt_at = NULL WHERE id = ?",
+            (reason, outbox_id),
+        )
+
+    def last_sent_at(self) -> datetime | None:
+        row = self._execute("SELECT MAX(sent_at) FROM outbox").fetchone()
+        return from_text(row[0]) if row else None
+
+    # -- contacts ----------------------------------------------------------
+
+    def record_refusal(
+        self, address: str, delegation: str, code: int | None, reason: str, at: datetime, outbox_id: int | None
+    ) -> None:
+        self._execute(
+            "INSERT INTO contact_refusal (address, delegation, code, reason, at, outbox_id) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (address) DO UPDATE SET code = excluded.code, reason = excluded.reason, at = excluded.at, "
+            "outbox_id = excluded.outbox_id, delegation = excluded.delegation",
+            (address.lower(), delegation, code, reason, to_text(at), outbox_id),
+        )
+
+    def refusals(self) -> dict[str, list[Refusal]]:
+        """Permanently refused contacts, by delegation."""
+        out: dict[str, list[Refusal]] = {}
+        for address, delegation, code, reason, at in self._execute(
+            "SELECT address, delegation, code, reason, at FROM contact_refusal ORDER BY address"
+        ):
+            out.setdefault(delegation, []).append(
+                Refusal(address, delegation, code, reason, datetime.fromisoformat(at))
+            )
+        return out
+
+    # -- delegation state --------------------------------------------------
+
+    def states(self, campaign: str, delegation: str | None = None) -> dict[str, StateRow]:
+        """Every delegation's standing in a campaign (or just one delegation's)."""
+        sql = (
+            "SELECT campaign, delegation, state, filled, total, missing, last_reply_at, updated_at "
+            "FROM delegation_state WHERE campaign = ?"
+        )
+        params: tuple[str, ...] = (campaign,)
+        if delegation is not None:
+            sql += " AND delegation = ?"
+            params = (campaign, delegation)
+        out: dict[str, StateRow] = {}
+        for r in self._execute(sql, params):
+            updated = datetime.fromisoformat(r[7])
+            out[r[1]] = StateRow(
+                r[0], r[1], DelegationState(r[2]), r[3], r[4], tuple(json.loads(r[5])), from_text(r[6]), updated
+            )
+        return out
+
+    def state(self, campaign: str, delegation: str) -> StateRow | None:
+        return self.states(campaign, delegation).get(delegation)
+
+    def set_state(
+        self,
+        campaign: str,
+        delegation: str,
+        *,
+        state: DelegationState,
+        filled: int,
+        total: int,
+        missing: Sequence[str],
+        at: datetime,
+        reason: str,
+        last_reply_at: datetime | None = None,
+    ) -> None:
+        """Write a delegation's standing; a change of state is recorded in the audit trail with ``reason``."""
+        previous = self._execute(
+            "SELECT state, last_reply_at FROM delegation_state WHERE campaign = ? AND delegation = ?",
+            (campaign, delegation),
+        ).fetchone()
+        reply = to_text(last_reply_at) if last_reply_at else (previous[1] if previous else None)
+        self._execute(
+            "INSERT INTO delegation_state (campaign, delegation, state, filled, total, missing, last_reply_at, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (campaign, delegation) DO UPDATE SET "
+            "state = excluded.state, filled = excluded.filled, total = excluded.total, missing = excluded.missing, "
+            "last_reply_at = excluded.last_reply_at, updated_at = excluded.updated_at",
+            (campaign, delegation, state.value, filled, total, json.dumps(list(missing)), reply, to_text(at)),
+        )
+        old = previous[0] if previous else None
+        if old != state.value:
+            self.record_event(
+                at,
+                "state_changed",
+                reason,
+                campaign=campaign,
+                delegation=delegation,
+                detail={"from": old, "to": state.value, "filled": filled, "total": total},
+            )
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (no semicolons inside our SQL strings)."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]

@@ -1,0 +1,518 @@
+"""Templates, date formatting, subject references and the MIME message of outgoing emails."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+from datetime import UTC, date, datetime
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from mailflow.errors import TemplateError
+from mailflow.render import (
+    BUILTIN_TEMPLATES,
+    KINDS_WITH_TEMPLATES,
+    MISSING_LIST_LIMIT,
+    REFERENCE_RE,
+    Attachment,
+    RenderedEmail,
+    Renderer,
+    build_message,
+    format_date,
+    format_datetime,
+    make_message_id,
+    parse_subject_reference,
+    subject_reference,
+    timezone_label,
+)
+
+LANGUAGES = ("es", "en")
+TITLES = {"es": "Plan Estratégico 2017-2022: columna Responsable", "en": "Strategic Plan 2017-2022: Responsible column"}
+
+
+def sample_context(
+    kind: str = "request",
+    language: str = "es",
+    *,
+    name: str = "Honduras",
+    missing_count: int = 3,
+    total: int = 40,
+    days_left: int = 0,
+    days_overdue: int = 0,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """The context the engine builds for one delegation, with knobs for what tests vary."""
+    deadline = date(2017, 10, 23)
+    missing = [{"key": f"{1 + i // 5}.{1 + i % 5}", "label": f"Acción número {i + 1}"} for i in range(missing_count)]
+    context: dict[str, Any] = {
+        "kind": kind,
+        "language": language,
+        "secretariat": {"name": "Secretaría Técnica de la CRM", "address": "st@crm.example.org"},
+        "delegation": {"id": "HN", "name": name},
+        "campaign": {"id": "responsible-2017", "title": TITLES[language], "ref": "responsible-2017"},
+        "reference": subject_reference("responsible-2017", "HN"),
+        "fill_column": "Responsible",
+        "deadline": deadline,
+        "deadline_text": format_date(deadline, language),
+        "timezone_label": timezone_label(name, language),
+        "attachment_name": f"Plan estratégico - {name}.xlsx",
+        "total": total,
+        "filled": total - missing_count,
+        "missing": missing,
+        "days_left": days_left,
+        "days_overdue": days_overdue,
+    }
+    context.update(overrides)
+    return context
+
+
+@pytest.fixture
+def renderer() -> Renderer:
+    return Renderer()
+
+
+# --------------------------------------------------------------------------
+# Dates and time zones
+# --------------------------------------------------------------------------
+
+
+def test_format_date_in_both_languages() -> None:
+    assert format_date(date(2017, 10, 23), "es") == "lunes 23 de octubre de 2017"
+    assert format_date(date(2017, 10, 23), "en") == "Monday, 23 October 2017"
+
+
+def test_format_date_refuses_an_unknown_language() -> None:
+    with pytest.raises(TemplateError, match="fr"):
+        format_date(date(2017, 10, 23), "fr")
+
+
+def test_format_datetime_uses_the_readers_time_zone() -> None:
+    instant = datetime(2017, 10, 23, 15, 0, tzinfo=UTC)
+    # Honduras is UTC-6 all year; Washington was on daylight time (UTC-4) in October 2017.
+    assert format_datetime(instant, ZoneInfo("America/Tegucigalpa"), "es") == "lunes 23 de octubre de 2017, 09:00"
+    assert format_datetime(instant, ZoneInfo("America/New_York"), "en") == "Monday, 23 October 2017, 11:00"
+
+
+def test_format_datetime_crosses_midnight_into_the_local_day() -> None:
+    instant = datetime(2017, 10, 23, 3, 30, tzinfo=UTC)
+    assert format_datetime(instant, ZoneInfo("America/Tegucigalpa"), "es") == "domingo 22 de octubre de 2017, 21:30"
+    assert format_datetime(instant, ZoneInfo("America/New_York"), "en") == "Sunday, 22 October 2017, 23:30"
+
+
+def test_format_datetime_refuses_a_naive_time() -> None:
+    with pytest.raises(TemplateError, match="naive"):
+        format_datetime(datetime(2017, 10, 23, 9, 0), ZoneInfo("America/Tegucigalpa"), "es")
+
+
+def test_timezone_label() -> None:
+    assert timezone_label("Honduras", "es") == "hora de Honduras"
+    assert timezone_label("Honduras", "en") == "Honduras time"
+
+
+def test_datetime_filter_in_a_template(tmp_path: Path) -> None:
+    (tmp_path / "es").mkdir()
+    (tmp_path / "es" / "request.subject.j2").write_text(
+        "{{ when|datetime_text('America/Panama', language) }} / {{ deadline|date_text('en') }} {{ reference }}",
+        encoding="utf-8",
+    )
+    context = sample_context(when=datetime(2017, 10, 23, 15, 0, tzinfo=UTC))
+    rendered = Renderer(override_dir=tmp_path).render("request", "es", context)
+    assert rendered.subject.startswith("lunes 23 de octubre de 2017, 10:00 / Monday, 23 October 2017")
+
+
+# --------------------------------------------------------------------------
+# Rendering the built-in templates
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("kind", KINDS_WITH_TEMPLATES)
+def test_every_kind_renders_in_every_language(renderer: Renderer, kind: str, language: str) -> None:
+    context = sample_context(kind, language, days_left=3 if kind == "reminder" else 0, days_overdue=2)
+    rendered = renderer.render(kind, language, context)
+    assert rendered.language == language
+    assert rendered.subject.endswith("[Ref. responsible-2017/HN]")
+    assert "Honduras" in rendered.subject
+    assert "\n" not in rendered.subject
+    assert parse_subject_reference(rendered.subject) == ("responsible-2017", "HN")
+    greeting = "Estimados/as funcionarios/as de enlace" if language == "es" else "Dear liaison officers"
+    for body in (rendered.text, rendered.html):
+        assert greeting in body
+        assert "Secretaría Técnica de la CRM" in body
+        assert context["deadline_text"] in body
+        assert context["timezone_label"] in body
+    assert rendered.html.lstrip().startswith("<!DOCTYPE html>")
+    assert "<script" not in rendered.html
+    assert "http://" not in rendered.html and "https://" not in rendered.html  # no external resources
+    assert f'lang="{language}"' in rendered.html
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_request_explains_the_task(renderer: Renderer, language: str) -> None:
+    rendered = renderer.render("request", language, sample_context("request", language))
+    for body in (rendered.text, rendered.html):
+        assert "Responsible" in body
+        assert "Plan estratégico - Honduras.xlsx" in body
+        assert "1.1: " in body  # an example of the "code: institution" fallback
+    assert ("código: institución" if language == "es" else "code: institution") in rendered.text
+
+
+@pytest.mark.parametrize(
+    ("language", "days_left", "expected"),
+    [
+        ("es", 3, "vence en 3 días, el lunes 23 de octubre de 2017"),
+        ("es", 1, "vence mañana, lunes 23 de octubre de 2017"),
+        ("es", 0, "hoy, lunes 23 de octubre de 2017, es el último día del plazo"),
+        ("en", 3, "is in 3 days, on Monday, 23 October 2017"),
+        ("en", 1, "is tomorrow, Monday, 23 October 2017"),
+        ("en", 0, "today, Monday, 23 October 2017, is the deadline"),
+    ],
+)
+def test_reminder_says_how_many_days_are_left(renderer: Renderer, language: str, days_left: int, expected: str) -> None:
+    rendered = renderer.render("reminder", language, sample_context("reminder", language, days_left=days_left))
+    assert expected in rendered.text
+    assert expected in re.sub(r"</?strong>", "", rendered.html)
+
+
+@pytest.mark.parametrize(("language", "expected"), [("es", "37 de las 40"), ("en", "37 of the 40")])
+def test_reminder_counts_what_is_already_received(renderer: Renderer, language: str, expected: str) -> None:
+    rendered = renderer.render("reminder", language, sample_context("reminder", language, missing_count=3))
+    assert expected in rendered.text
+    assert "2.1" not in rendered.text
+    for key in ("1.1", "1.2", "1.3"):
+        assert f"- {key}: " in rendered.text
+
+
+@pytest.mark.parametrize(("language", "more"), [("es", "y 7 más"), ("en", "and 7 more")])
+def test_missing_list_is_capped(renderer: Renderer, language: str, more: str) -> None:
+    count = MISSING_LIST_LIMIT + 7
+    context = sample_context("reminder", language, missing_count=count, days_left=1)
+    rendered = renderer.render("reminder", language, context)
+    listed = re.findall(r"^  - (\S+):", rendered.text, flags=re.MULTILINE)
+    assert listed == [item["key"] for item in context["missing"][:MISSING_LIST_LIMIT]]
+    assert more in rendered.text
+    assert more in rendered.html
+    assert str(count) in rendered.text  # the full count is still stated
+
+
+def test_missing_list_at_the_limit_is_not_capped(renderer: Renderer) -> None:
+    rendered = renderer.render("overdue", "en", sample_context("overdue", "en", missing_count=MISSING_LIST_LIMIT))
+    assert "more" not in rendered.text
+    assert len(re.findall(r"^  - ", rendered.text, flags=re.MULTILINE)) == MISSING_LIST_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("language", "days", "expected"),
+    [("es", 1, "hace 1 día"), ("es", 4, "hace 4 días"), ("en", 1, "1 day ago"), ("en", 4, "4 days ago")],
+)
+def test_overdue_says_how_long_ago_the_deadline_passed(
+    renderer: Renderer, language: str, days: int, expected: str
+) -> None:
+    rendered = renderer.render("overdue", language, sample_context("overdue", language, days_overdue=days))
+    assert expected in rendered.text
+    assert expected in rendered.html
+    assert ("a la mayor brevedad posible" if language == "es" else "as soon as possible") in rendered.text
+
+
+def test_html_is_escaped_and_text_is_not(renderer: Renderer) -> None:
+    name = "<script>alert(1)</script> & Co"
+    rendered = renderer.render("reminder", "en", sample_context("reminder", "en", name=name, days_left=1))
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; Co" in rendered.html
+    assert "<script>" not in rendered.html
+    assert name in rendered.text
+    assert name in rendered.subject
+
+
+def test_missing_labels_are_escaped_in_html(renderer: Renderer) -> None:
+    context = sample_context("reminder", "es", missing=[{"key": "1.1", "label": "Niñas <b>y</b> niños"}])
+    rendered = renderer.render("reminder", "es", context)
+    assert "Niñas &lt;b&gt;y&lt;/b&gt; niños" in rendered.html
+    assert "Niñas <b>y</b> niños" in rendered.text
+
+
+def test_labels_spanning_lines_are_listed_on_one(renderer: Renderer) -> None:
+    context = sample_context("reminder", "es", missing=[{"key": "2.3", "label": "Fortalecer\ncapacidades\n  locales"}])
+    rendered = renderer.render("reminder", "es", context)
+    assert "  - 2.3: Fortalecer capacidades locales\n" in rendered.text
+
+
+# --------------------------------------------------------------------------
+# Errors, overrides and check()
+# --------------------------------------------------------------------------
+
+
+def test_missing_name_raises_naming_the_template(renderer: Renderer) -> None:
+    context = sample_context("request", "es")
+    del context["missing"]
+    with pytest.raises(TemplateError, match=r"template es/request\.txt\.j2: 'missing' is undefined \(line \d+\)"):
+        renderer.render("request", "es", context)
+
+
+def test_missing_name_in_a_shared_piece_names_both_files(renderer: Renderer) -> None:
+    context = sample_context("reminder", "en", days_left=1)
+    del context["secretariat"]
+    with pytest.raises(
+        TemplateError,
+        match=r"template en/reminder\.txt\.j2: 'secretariat' is undefined \(in en/_signature\.txt\.j2, line \d+\)",
+    ):
+        renderer.render("reminder", "en", context)
+
+
+def test_missing_base_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "en").mkdir()
+    (tmp_path / "en" / "request.html.j2").write_text('{% extends "en/_nobase.html.j2" %}', encoding="utf-8")
+    with pytest.raises(TemplateError, match=r"en/request\.html\.j2 .*refers to en/_nobase\.html\.j2"):
+        Renderer(override_dir=tmp_path).render("request", "en", sample_context("request", "en"))
+
+
+def test_unknown_kind_is_a_template_error(renderer: Renderer) -> None:
+    with pytest.raises(TemplateError, match=r"template es/nonsense\.subject\.j2 not found"):
+        renderer.render("nonsense", "es", sample_context())
+
+
+def test_override_wins_and_the_rest_stays_builtin(tmp_path: Path) -> None:
+    (tmp_path / "es").mkdir()
+    (tmp_path / "es" / "request.subject.j2").write_text(
+        "Solicitud especial — {{ delegation.name }} {{ reference }}\n", encoding="utf-8"
+    )
+    renderer = Renderer(override_dir=tmp_path)
+    rendered = renderer.render("request", "es", sample_context())
+    assert rendered.subject == "Solicitud especial — Honduras [Ref. responsible-2017/HN]"
+    assert "Estimados/as funcionarios/as de enlace" in rendered.text  # builtin text
+    builtin = Renderer().render("request", "en", sample_context("request", "en"))
+    assert renderer.render("request", "en", sample_context("request", "en")) == builtin
+    assert renderer.check() == []
+
+
+def test_override_without_the_reference_gets_it_appended(tmp_path: Path) -> None:
+    (tmp_path / "en").mkdir()
+    (tmp_path / "en" / "overdue.subject.j2").write_text("Pending: {{ delegation.name }}", encoding="utf-8")
+    rendered = Renderer(override_dir=tmp_path).render("overdue", "en", sample_context("overdue", "en"))
+    assert rendered.subject == "Pending: Honduras [Ref. responsible-2017/HN]"
+
+
+def test_multiline_subject_template_is_collapsed(tmp_path: Path) -> None:
+    (tmp_path / "en").mkdir()
+    (tmp_path / "en" / "request.subject.j2").write_text(
+        "{{ campaign.title }}\n   —   {{ delegation.name }}\n{{ reference }}\n", encoding="utf-8"
+    )
+    rendered = Renderer(override_dir=tmp_path).render("request", "en", sample_context("request", "en"))
+    assert rendered.subject == f"{TITLES['en']} — Honduras [Ref. responsible-2017/HN]"
+
+
+def test_an_override_base_changes_every_html_part(tmp_path: Path) -> None:
+    (tmp_path / "en").mkdir()
+    (tmp_path / "en" / "_base.html.j2").write_text("<div>{% block content %}{% endblock %}</div>", encoding="utf-8")
+    renderer = Renderer(override_dir=tmp_path)
+    for kind in KINDS_WITH_TEMPLATES:
+        html = renderer.render(kind, "en", sample_context(kind, "en")).html
+        assert html.startswith("<div>") and html.rstrip().endswith("</div>")
+        assert "<!DOCTYPE" not in html
+
+
+def test_builtin_templates_check_clean() -> None:
+    assert BUILTIN_TEMPLATES.is_dir()
+    assert Renderer().check() == []
+
+
+def test_check_finds_a_syntax_error_in_an_override(tmp_path: Path) -> None:
+    (tmp_path / "en").mkdir()
+    broken = tmp_path / "en" / "reminder.txt.j2"
+    broken.write_text("Dear {{ delegation.name }},\n\n{% if days_left %}\nno end\n", encoding="utf-8")
+    problems = Renderer(override_dir=tmp_path).check()
+    assert len(problems) == 1
+    assert "en/reminder.txt.j2" in problems[0]
+    assert str(broken) in problems[0]
+    assert "syntax error" in problems[0]
+    assert "line" in problems[0]
+
+
+def test_check_finds_a_broken_shared_piece_and_an_undefined_name(tmp_path: Path) -> None:
+    (tmp_path / "es").mkdir()
+    (tmp_path / "es" / "_signature.txt.j2").write_text("{{ secretariat.name ", encoding="utf-8")
+    (tmp_path / "es" / "overdue.subject.j2").write_text("{{ delegaton.name }} {{ reference }}", encoding="utf-8")
+    problems = Renderer(override_dir=tmp_path).check()
+    assert any("es/_signature.txt.j2" in p and "syntax error" in p for p in problems)
+    assert any("es/overdue.subject.j2" in p and "'delegaton' is undefined" in p for p in problems)
+
+
+def test_check_flags_a_misspelt_override_and_a_missing_directory(tmp_path: Path) -> None:
+    (tmp_path / "es").mkdir()
+    (tmp_path / "es" / "reqest.txt.j2").write_text("hola", encoding="utf-8")
+    problems = Renderer(override_dir=tmp_path).check()
+    assert len(problems) == 1 and "es/reqest.txt.j2" in problems[0] and "not a known template" in problems[0]
+    assert "does not exist" in Renderer(override_dir=tmp_path / "nowhere").check()[0]
+
+
+def test_check_reports_a_missing_builtin(tmp_path: Path) -> None:
+    for language in LANGUAGES:
+        (tmp_path / language).mkdir()
+        for path in (BUILTIN_TEMPLATES / language).iterdir():
+            if path.name != "overdue.html.j2" or language != "en":
+                (tmp_path / language / path.name).write_bytes(path.read_bytes())
+    problems = Renderer(builtin_dir=tmp_path).check()
+    assert problems == [f"template en/overdue.html.j2 not found (searched {tmp_path})"]
+
+
+# --------------------------------------------------------------------------
+# Subject references
+# --------------------------------------------------------------------------
+
+
+def test_subject_reference_round_trips() -> None:
+    assert subject_reference("responsible-2017", "HN") == "[Ref. responsible-2017/HN]"
+    assert REFERENCE_RE.search("x [Ref. responsible-2017/HN]") is not None
+
+
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        ("RE: RV: Plan Estratégico 2017-2022 — Honduras [Ref. responsible-2017/HN]", ("responsible-2017", "HN")),
+        ("[ref: x/y]", ("x", "y")),
+        ("Fwd:   Re: [ REF.  responsible-2017 / MX ] adjunto", ("responsible-2017", "MX")),
+        ("RE: [Ref. old/HN] RE: [Ref. responsible.2017/CR]", ("responsible.2017", "CR")),
+        ("Plan Estratégico 2017-2022 — Honduras", None),
+        ("[Ref. responsible-2017]", None),
+        ("[Ref. /HN]", None),
+        ("", None),
+    ],
+)
+def test_parse_subject_reference(subject: str, expected: tuple[str, str] | None) -> None:
+    assert parse_subject_reference(subject) == expected
+
+
+# --------------------------------------------------------------------------
+# Message-IDs
+# --------------------------------------------------------------------------
+
+_MSG_ID_RE = re.compile(r"^<[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[a-z0-9.-]+>$")
+
+
+def test_make_message_id_is_deterministic_and_distinct() -> None:
+    one = make_message_id("crm.example.org", "responsible-2017", "HN", "reminder", "2017-10-22")
+    assert one == make_message_id("crm.example.org", "responsible-2017", "HN", "reminder", "2017-10-22")
+    assert one != make_message_id("crm.example.org", "responsible-2017", "HN", "reminder", "2017-10-20")
+    # The hash is not fooled by moving a boundary between parts.
+    assert make_message_id("d.org", "ab", "c") != make_message_id("d.org", "a", "bc")
+    assert one.startswith("<mailflow.")
+    assert one.endswith(".responsible-2017.HN.reminder.2017-10-22@crm.example.org>")
+    assert _MSG_ID_RE.match(one)
+
+
+def test_make_message_id_sanitizes_odd_parts() -> None:
+    message_id = make_message_id("Example.ORG", "México", "a b..c", "<x>@y", "", "...")
+    assert _MSG_ID_RE.match(message_id), message_id
+    assert ".Mexico.a-b-c.x-y@example.org>" in message_id
+
+
+# --------------------------------------------------------------------------
+# The MIME message
+# --------------------------------------------------------------------------
+
+
+def _message(**overrides: Any) -> EmailMessage:
+    rendered = Renderer().render("request", "es", sample_context())
+    arguments: dict[str, Any] = {
+        "rendered": rendered,
+        "from_name": "Secretaría Técnica de la CRM",
+        "from_address": "st@crm.example.org",
+        "to": ["enlace@sre.example.hn", "migracion@example.hn"],
+        "reply_to": "st@crm.example.org",
+        "message_id": make_message_id("crm.example.org", "responsible-2017", "HN", "request"),
+        "date": datetime(2017, 10, 18, 16, 0, tzinfo=UTC),
+        "headers": {
+            "X-Mailflow-Kind": "request",
+            "X-Mailflow-Campaign": "responsible-2017",
+            "X-Mailflow-Delegation": "HN",
+        },
+        "attachments": [Attachment("Plan estratégico - Honduras.xlsx", b"PK\x03\x04 fake workbook")],
+    }
+    arguments.update(overrides)
+    return build_message(**arguments)
+
+
+def test_build_message_round_trips() -> None:
+    message_id = make_message_id("crm.example.org", "responsible-2017", "HN", "request")
+    raw = _message().as_bytes()
+    assert b"\r\n" in raw
+    assert re.search(rb"(?<!\r)\n", raw) is None  # CRLF everywhere, no bare LF
+
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    assert parsed["Message-ID"] == message_id
+    assert parsed["Auto-Submitted"] == "auto-generated"
+    assert parsed["X-Mailflow-Kind"] == "request"
+    assert parsed["X-Mailflow-Campaign"] == "responsible-2017"
+    assert parsed["X-Mailflow-Delegation"] == "HN"
+    assert parsed["Content-Language"] == "es"
+    assert parsed["Reply-To"] == "st@crm.example.org"
+    assert parsed["Date"].datetime == datetime(2017, 10, 18, 16, 0, tzinfo=UTC)
+    assert parse_subject_reference(str(parsed["Subject"])) == ("responsible-2017", "HN")
+    assert "Plan Estratégico" in str(parsed["Subject"])
+
+    sender = parsed["From"].addresses[0]
+    assert sender.display_name == "Secretaría Técnica de la CRM"
+    assert sender.addr_spec == "st@crm.example.org"
+    assert b"=?utf-8?" in raw.split(b"\r\n\r\n", 1)[0]  # the non-ASCII name is RFC 2047 encoded
+    assert [a.addr_spec for a in parsed["To"].addresses] == ["enlace@sre.example.hn", "migracion@example.hn"]
+
+    assert parsed.get_content_type() == "multipart/mixed"
+    alternative, attachment = parsed.get_payload()
+    assert alternative.get_content_type() == "multipart/alternative"
+    text, html = alternative.get_payload()
+    assert text.get_content_type() == "text/plain" and text.get_content_charset() == "utf-8"
+    assert html.get_content_type() == "text/html" and html.get_content_charset() == "utf-8"
+    assert "Estimados/as funcionarios/as de enlace" in text.get_content()
+    assert "<!DOCTYPE html>" in html.get_content()
+
+    assert attachment.get_filename() == "Plan estratégico - Honduras.xlsx"
+    assert attachment.get_content_type() == "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+    assert attachment.get_content() == b"PK\x03\x04 fake workbook"
+    assert attachment.get_content_disposition() == "attachment"
+
+
+def test_build_message_without_attachments_is_alternative() -> None:
+    parsed = email.message_from_bytes(_message(attachments=()).as_bytes(), policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/alternative"
+
+
+def test_headers_may_replace_a_default() -> None:
+    message = _message(headers={"Auto-Submitted": "auto-replied", "In-Reply-To": "<abc@example.hn>"})
+    assert message.get_all("Auto-Submitted") == ["auto-replied"]
+    assert message["In-Reply-To"] == "<abc@example.hn>"
+
+
+def test_header_injection_through_the_delegation_name_is_refused() -> None:
+    context = sample_context(name="Honduras\r\nBcc: x@evil")
+    with pytest.raises(TemplateError, match=r"es/request\.subject\.j2.*Subject"):
+        Renderer().render("request", "es", context)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "header"),
+    [
+        ({"rendered": RenderedEmail("Plan\r\nBcc: x@evil [Ref. a/b]", "t", "<p>h</p>")}, "Subject"),
+        ({"headers": {"X-Mailflow-Delegation": "HN\nBcc: x@evil"}}, "X-Mailflow-Delegation"),
+        ({"from_name": "Secretaría\rBcc: x@evil"}, "From"),
+        ({"to": ["a@example.org\n"]}, "To"),
+        ({"reply_to": "st@crm.example.org\x00"}, "Reply-To"),
+        ({"message_id": "<a@b>\r\nBcc: x@evil"}, "Message-ID"),
+        ({"headers": {"Bad Name": "x"}}, "Bad Name"),
+        ({"headers": {"Content-Type": "text/plain"}}, "Content-Type"),
+    ],
+)
+def test_build_message_refuses_bad_headers(overrides: dict[str, Any], header: str) -> None:
+    with pytest.raises(TemplateError, match=re.escape(header)):
+        _message(**overrides)
+
+
+def test_build_message_refuses_a_naive_date_and_no_recipients() -> None:
+    with pytest.raises(TemplateError, match="Date"):
+        _message(date=datetime(2017, 10, 18, 10, 0))
+    with pytest.raises(TemplateError, match="To"):
+        _message(to=[])

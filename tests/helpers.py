@@ -36,4 +36,5 @@ def smtp_config(tmp_path: Path, host: str, port: int, **mail: Any) -> Config:
         **mail,
     }
     data["store"] = str(tmp_path / "mailflow.db")
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return load_config(write_config(tmp_path, data))

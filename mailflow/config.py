@@ -38,6 +38,12 @@ DEFAULT_RETRY_BASE_SECONDS = 300
 DEFAULT_RETRY_MAX_SECONDS = 6 * 3600
 DEFAULT_LOCAL_OUTBOX = "outbox"
 DEFAULT_LOCAL_INBOX = "inbox"
+DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
+DEFAULT_MAX_ATTACHMENT_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_UNCOMPRESSED_BYTES = 200 * 1024 * 1024
+DEFAULT_MAX_COMPRESSION_RATIO = 100
+SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 EMAIL_RE = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9.-]+\.[A-Za-z0-9-]+$")
@@ -63,6 +69,8 @@ class SmtpSettings:
     username: str | None = None
     password: str | None = None
     timeout: float = DEFAULT_TIMEOUT_SECONDS
+    oauth2_token_command: str | None = None  # prints an OAuth2 access token: login with XOAUTH2
+    ca_file: Path | None = None  # trust this CA bundle (a private server) instead of the system's
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,8 @@ class ImapSettings:
     processed_folder: str = DEFAULT_PROCESSED_FOLDER
     timeout: float = DEFAULT_TIMEOUT_SECONDS
     poll_interval: int = DEFAULT_POLL_INTERVAL_SECONDS
+    oauth2_token_command: str | None = None
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,17 @@ class MailSettings:
     rate_per_minute: int | None = None
     retry_base_seconds: int = DEFAULT_RETRY_BASE_SECONDS
     retry_max_seconds: int = DEFAULT_RETRY_MAX_SECONDS
+
+
+@dataclass(frozen=True)
+class InboundSettings:
+    """How received mail is judged and how much of it is read."""
+
+    accept_untrusted: bool = False  # apply replies from unlisted or failing-authentication senders
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES
+    max_uncompressed_bytes: int = DEFAULT_MAX_UNCOMPRESSED_BYTES
+    max_compression_ratio: int = DEFAULT_MAX_COMPRESSION_RATIO
 
 
 @dataclass(frozen=True)
@@ -188,6 +209,7 @@ class Config:
     delegations: tuple[Delegation, ...]
     campaigns: tuple[Campaign, ...]
     meetings: tuple[Mapping[str, Any], ...] = ()
+    inbound: InboundSettings = field(default_factory=InboundSettings)
     templates: Path | None = None
     fingerprint_secret: str | None = None
     log_level: str = "INFO"
@@ -502,6 +524,7 @@ _TOP_KEYS = (
     "delegations",
     "campaigns",
     "meetings",
+    "inbound",
     "templates",
     "fingerprint_secret",
     "log_level",
@@ -509,7 +532,8 @@ _TOP_KEYS = (
 _SECRETARIAT_KEYS = ("name", "address", "timezone", "language", "digest")
 _DIGEST_KEYS = ("to", "schedule")
 _MAIL_KEYS = ("transport", "smtp", "imap", "local", "rate_per_minute", "retry")
-_SMTP_KEYS = ("host", "port", "security", "username", "password", "timeout")
+_AUTH_KEYS = ("username", "password", "oauth2_token_command", "ca_file")
+_SMTP_KEYS = ("host", "port", "security", "timeout", *_AUTH_KEYS)
 _IMAP_KEYS = (
     "host",
     "port",
@@ -520,6 +544,8 @@ _IMAP_KEYS = (
     "processed_folder",
     "timeout",
     "poll_interval",
+    "oauth2_token_command",
+    "ca_file",
 )
 _LOCAL_KEYS = ("outbox", "inbox")
 _RETRY_KEYS = ("base", "max")
@@ -542,6 +568,13 @@ _CAMPAIGN_KEYS = (
     "attachment_name",
 )
 _OVERDUE_KEYS = ("every", "max")
+_INBOUND_KEYS = (
+    "accept_untrusted",
+    "max_message_size",
+    "max_attachment_size",
+    "max_uncompressed_size",
+    "max_compression_ratio",
+)
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -605,6 +638,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
             meetings = tuple(meetings_raw)
         else:
             problems.add(("meetings",), "expected a list of meetings")
+    inbound = _inbound(problems, top.raw("inbound"))
     templates_value = top.string("templates")
     templates = _resolve_path(base, templates_value) if templates_value else None
     if templates is not None and not templates.is_dir():
@@ -625,6 +659,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         delegations=tuple(delegations),
         campaigns=tuple(campaigns),
         meetings=meetings,
+        inbound=inbound,
         templates=templates,
         fingerprint_secret=secret or None,
         log_level=log_level,
@@ -679,11 +714,25 @@ def _server(
     port = r.integer("port", ports[security], minimum=1)
     if port is not None and port > 65535:
         problems.add(path + ("port",), f"{port} is not a TCP port (1-65535)")
-    if r.has("username") != r.has("password"):
-        problems.add(path, "username and password go together: give both, or neither")
+    secret_given = r.has("password") or r.has("oauth2_token_command")
+    if r.has("password") and r.has("oauth2_token_command"):
+        problems.add(path, "give either password or oauth2_token_command, not both")
+    elif r.has("username") != secret_given:
+        problems.add(path, "username goes with a password or an oauth2_token_command: give both, or neither")
     if not host or port is None:
         return None
     return r, host, port, security
+
+
+def _ca_file(problems: _Problems, r: _Reader, base: Path) -> Path | None:
+    value = r.string("ca_file")
+    if not value:
+        return None
+    path = _resolve_path(base, value)
+    if not path.is_file():
+        problems.add(r.path + ("ca_file",), f"CA file {path} not found")
+        return None
+    return path
 
 
 def _mail(problems: _Problems, data: Any, base: Path) -> MailSettings | None:
@@ -699,7 +748,16 @@ def _mail(problems: _Problems, data: Any, base: Path) -> MailSettings | None:
     if parsed:
         s, host, port, security = parsed
         timeout = s.integer("timeout", int(DEFAULT_TIMEOUT_SECONDS), minimum=1) or DEFAULT_TIMEOUT_SECONDS
-        smtp = SmtpSettings(host, port, security, s.string("username"), s.string("password"), float(timeout))
+        smtp = SmtpSettings(
+            host,
+            port,
+            security,
+            s.string("username"),
+            s.string("password"),
+            float(timeout),
+            oauth2_token_command=s.string("oauth2_token_command"),
+            ca_file=_ca_file(problems, s, base),
+        )
     imap = None
     parsed = _server(problems, r.raw("imap"), path + ("imap",), _IMAP_KEYS, DEFAULT_IMAP_PORTS, "ssl", False)
     if parsed:
@@ -716,6 +774,8 @@ def _mail(problems: _Problems, data: Any, base: Path) -> MailSettings | None:
             timeout=float(timeout),
             poll_interval=i.integer("poll_interval", DEFAULT_POLL_INTERVAL_SECONDS, minimum=5)
             or DEFAULT_POLL_INTERVAL_SECONDS,
+            oauth2_token_command=i.string("oauth2_token_command"),
+            ca_file=_ca_file(problems, i, base),
         )
     local_reader = _Reader(problems, r.raw("local"), path + ("local",), _LOCAL_KEYS)
     local = LocalSettings(
@@ -734,6 +794,41 @@ def _mail(problems: _Problems, data: Any, base: Path) -> MailSettings | None:
         rate_per_minute=rate,
         retry_base_seconds=retry_base,
         retry_max_seconds=max(retry_max, retry_base),
+    )
+
+
+def parse_size(value: object) -> int:
+    """A size in bytes: a whole number, or with a unit (``25MB``, ``512 KB``)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = SIZE_RE.match(str(value))
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError(f"{value!r} is not a size (e.g. 25MB, 512KB or a number of bytes)")
+    return int(match.group(1)) * SIZE_UNITS[(match.group(2) or "B").upper()]
+
+
+def _inbound(problems: _Problems, data: Any) -> InboundSettings:
+    r = _Reader(problems, data, ("inbound",), _INBOUND_KEYS)
+    defaults = InboundSettings()
+    sizes: dict[str, int] = {}
+    for key, default in (
+        ("max_message_size", defaults.max_message_bytes),
+        ("max_attachment_size", defaults.max_attachment_bytes),
+        ("max_uncompressed_size", defaults.max_uncompressed_bytes),
+    ):
+        sizes[key] = default
+        if r.has(key):
+            try:
+                sizes[key] = parse_size(r.raw(key))
+            except ValueError as exc:
+                problems.add(("inbound", key), str(exc))
+    ratio = r.integer("max_compression_ratio", defaults.max_compression_ratio, minimum=2)
+    return InboundSettings(
+        accept_untrusted=r.boolean("accept_untrusted", False),
+        max_message_bytes=sizes["max_message_size"],
+        max_attachment_bytes=sizes["max_attachment_size"],
+        max_uncompressed_bytes=sizes["max_uncompressed_size"],
+        max_compression_ratio=ratio or defaults.max_compression_ratio,
     )
 
 

@@ -15,8 +15,10 @@ from mailflow.render import Renderer
 from mailflow.workbook import check_columns
 
 
-def check_resources(config: Config) -> list[str]:
-    """Every problem with the files and folders the configuration names, one line each."""
+def check_resources(config: Config, *, templates: bool = True) -> list[str]:
+    """Every problem with the files and folders the configuration names, one line each.
+
+    ``templates=False`` skips rendering every template, for commands that send nothing."""
     source = config.path.name
     problems: list[str] = []
 
@@ -28,8 +30,9 @@ def check_resources(config: Config) -> list[str]:
     for index, campaign in enumerate(config.campaigns):
         for message in check_columns(campaign.workbook, campaign.key_column, campaign.fill_column, campaign.sheet):
             add(f"campaigns[{index}].workbook", message)
-    for message in Renderer(config.templates).check():
-        add("templates", message)
+    if templates:
+        for message in Renderer(config.templates).check():
+            add("templates", message)
     folder = _existing_parent(config.store)
     if not os.access(folder, os.W_OK):
         add("store", f"cannot create or write {config.store}: folder {folder} is not writable")
@@ -43,10 +46,10 @@ def _existing_parent(path: Path) -> Path:
     return Path("/")
 
 
-def load_checked_config(path: str | Path) -> Config:
+def load_checked_config(path: str | Path, *, templates: bool = True) -> Config:
     """Load and validate the configuration and its resources; raise ConfigError listing every problem."""
     config = load_config(path)
-    problems = check_resources(config)
+    problems = check_resources(config, templates=templates)
     if problems:
         raise ConfigError(problems)
     return config

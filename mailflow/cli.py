@@ -17,7 +17,9 @@ from mailflow.clock import FixedClock, SystemClock
 from mailflow.config import Config
 from mailflow.engine import Engine
 from mailflow.errors import ConfigError, MailflowError, UsageError
-from mailflow.report import format_status_table
+from mailflow.intake import looks_like_workbook
+from mailflow.mailbox import ImapMailbox, Mailbox, MaildirMailbox
+from mailflow.report import format_inspection, format_status_table
 from mailflow.sender import LocalTransport, SmtpTransport, Transport
 from mailflow.store import Store
 
@@ -45,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--campaign", help="only this campaign")
     status.add_argument("--json", action="store_true", help="JSON for scripts")
     status.add_argument("--now", help="as of this instant, ISO 8601 (default: the system clock)")
+
+    inspect = commands.add_parser("inspect", help="dry run for one received .eml (or a bare workbook)")
+    inspect.add_argument("file", help="an .eml file, or a workbook (.xlsx, .xlsm, .xls, .ods)")
+    inspect.add_argument("--json", action="store_true", help="JSON for scripts")
+    inspect.add_argument("--campaign", help="the campaign, for a workbook without our fingerprint")
 
     preview = commands.add_parser("preview", help="render one email as it would be sent, without sending")
     preview.add_argument("kind", choices=PREVIEW_KINDS)
@@ -76,6 +83,16 @@ def make_transport(config: Config) -> Transport:
     return SmtpTransport(config.mail.smtp)
 
 
+def make_mailbox(config: Config) -> Mailbox | None:
+    """The inbox the replies come to: a local maildir, the IMAP server, or none configured."""
+    if config.mail.transport == "local":
+        return MaildirMailbox(config.mail.local.inbox)
+    if config.mail.imap is None:
+        logging.getLogger("mailflow").warning("no mail.imap configured: replies are not read")
+        return None
+    return ImapMailbox(config.mail.imap)
+
+
 def _config_path(args: argparse.Namespace) -> Path:
     return Path(args.config or os.environ.get("MAILFLOW_CONFIG") or DEFAULT_CONFIG)
 
@@ -85,28 +102,40 @@ def _setup_logging(level: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_checked_config(_config_path(args))
+    # Commands that send nothing need not render every template to check them.
+    config = load_checked_config(_config_path(args), templates=args.command in ("check-config", "tick", "preview"))
     _setup_logging("DEBUG" if args.verbose or args.debug else config.log_level)
     if args.command == "check-config":
         campaigns = ", ".join(c.id for c in config.campaigns) or "none"
         print(f"{config.path}: OK ({len(config.delegations)} delegations; campaigns: {campaigns})")
         return 0
+    if args.command == "inspect":
+        return _inspect(config, Path(args.file), as_json=args.json, campaign=args.campaign)
     now_arg = parse_now(getattr(args, "now", None), config)
     clock = FixedClock(now_arg) if now_arg else SystemClock()
     with Store.open(config.store) as store:
-        engine = Engine(config, store, make_transport(config), clock)
+        mailbox = make_mailbox(config) if args.command == "tick" else None
+        engine = Engine(config, store, make_transport(config), clock, mailbox=mailbox)
         now = clock.now()
         if args.command == "tick":
-            report = engine.tick(now)
+            report = engine.tick()
+            if report.inbox is not None:
+                inbox = report.inbox
+                outcomes = ", ".join(f"{count} {name}" for name, count in sorted(inbox.by_outcome.items()))
+                print(
+                    f"inbox: {inbox.read} new message(s){': ' + outcomes if outcomes else ''}"
+                    + (f"; NOT READ: {inbox.error}" if inbox.error else "")
+                )
             print(
                 f"tick {now.isoformat()}: {len(report.sent)} sent, {len(report.retried)} to retry, "
                 f"{len(report.failed)} failed, {report.skipped} superseded, {len(report.compose_errors)} not composed"
             )
-            return 1 if report.failed or report.compose_errors else 0
+            inbox_failed = report.inbox is not None and (report.inbox.error or report.inbox.failed)
+            return 1 if report.failed or report.compose_errors or inbox_failed else 0
         if args.command == "status":
             statuses = engine.status(now, args.campaign)
             if args.json:
-                print(json.dumps({"campaigns": [c.as_json() for c in statuses]}, ensure_ascii=False, indent=2))
+                print(json.dumps({"campaigns": [c.as_json() for c in statuses]}, ensure_ascii=False))
             else:
                 print(format_status_table(statuses, config.secretariat.tz))
             return 0
@@ -117,6 +146,25 @@ def run(args: argparse.Namespace) -> int:
             print(_preview_text(message, html=args.html))
             return 0
     raise UsageError(f"unknown command {args.command!r}")
+
+
+def _inspect(config: Config, path: Path, *, as_json: bool, campaign: str | None) -> int:
+    """Analyse one file against a snapshot of the store: nothing on disk changes."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    with Store.snapshot(config.store) as store:
+        engine = Engine(config, store, make_transport(config), SystemClock())
+        if looks_like_workbook(data, path.name):
+            result = engine.intake.analyse_workbook(data, path.name, campaign)
+        else:
+            result = engine.intake.analyse(data, campaign_hint=campaign).as_json()
+    if as_json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+    else:
+        print(format_inspection(result))
+    return 0
 
 
 def _preview_text(message: object, *, html: bool) -> str:

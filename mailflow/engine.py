@@ -31,7 +31,20 @@ from mailflow.errors import (
     TemporarySendError,
     UsageError,
 )
-from mailflow.render import Attachment, Renderer, build_message, make_message_id, subject_reference, timezone_label
+from mailflow.inbound import parse_message
+from mailflow.intake import NO_WORKBOOK_REASON, Intake, IntakeReport
+from mailflow.mailbox import Mailbox
+from mailflow.render import (
+    CAMPAIGN_KINDS,
+    FOLLOW_UP_KINDS,
+    Attachment,
+    Renderer,
+    build_message,
+    format_datetime,
+    make_message_id,
+    subject_reference,
+    timezone_label,
+)
 from mailflow.render import format_date as render_date
 from mailflow.sender import Batch, Transport
 from mailflow.store import DelegationState, OutboxRow, OutboxStatus, StateRow, Store
@@ -39,7 +52,7 @@ from mailflow.workbook import MasterLayout, RequestWorkbookFactory, make_fingerp
 
 log = logging.getLogger("mailflow")
 
-CAMPAIGN_KINDS = (schedule.REQUEST, schedule.REMINDER, schedule.OVERDUE)
+ATTACH_WORKBOOK = frozenset({*CAMPAIGN_KINDS, "missing", "unreadable"})
 DEFAULT_ATTACHMENT_NAMES = {"es": "{campaign} - {delegation}.xlsx", "en": "{campaign} - {delegation}.xlsx"}
 
 
@@ -53,6 +66,7 @@ class TickReport:
     retried: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     compose_errors: list[int] = field(default_factory=list)
+    inbox: IntakeReport | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,8 @@ class DelegationStatus:
     deadline_at: datetime
     refused_contacts: tuple[str, ...]
     send_problem: str | None
+    all_contacts_failing: bool = False
+    held: tuple[int, ...] = ()  # received messages held for review (untrusted sender)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -85,6 +101,8 @@ class DelegationStatus:
             "next_reminder_at": _iso(self.next_reminder_at),
             "deadline_at": _iso(self.deadline_at),
             "refused_contacts": list(self.refused_contacts),
+            "all_contacts_failing": self.all_contacts_failing,
+            "held_for_review": list(self.held),
             "send_problem": self.send_problem,
         }
 
@@ -113,15 +131,18 @@ class Engine:
         transport: Transport,
         clock: Clock,
         renderer: Renderer | None = None,
+        mailbox: Mailbox | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.transport = transport
         self.clock = clock
+        self.mailbox = mailbox
         self.renderer = renderer or Renderer(config.templates)
         self._layouts: dict[str, MasterLayout] = {}
         self._factories: dict[str, RequestWorkbookFactory] = {}
         self._secret: bytes | None = None
+        self._intake: Intake | None = None
 
     # -- shared helpers ----------------------------------------------------
 
@@ -155,10 +176,18 @@ class Engine:
 
     # -- the pass ----------------------------------------------------------
 
-    def tick(self, now: datetime | None = None) -> TickReport:
-        """One full outgoing pass at ``now``: plan, compose, send."""
-        now = now or self.clock.now()
+    @property
+    def intake(self) -> Intake:
+        if self._intake is None:
+            self._intake = Intake(self)
+        return self._intake
+
+    def tick(self) -> TickReport:
+        """One full pass at the clock's instant: read the inbox once, then plan, compose and send what is due."""
+        now = self.clock.now()
         report = TickReport()
+        if self.mailbox is not None:
+            report.inbox = self.intake.read_inbox(self.mailbox, now)
         self.plan(now, report)
         self.compose_pending(now, report)
         self.send_pending(report)
@@ -261,7 +290,13 @@ class Engine:
                 continue
             try:
                 message = self.compose(
-                    row.campaign, row.delegation, row.kind, row.scheduled_at or now, row.message_id, now
+                    row.campaign,
+                    row.delegation,
+                    row.kind,
+                    row.scheduled_at or now,
+                    row.message_id,
+                    now,
+                    inbound_id=row.inbound_id,
                 )
             except (MailflowError, KeyError) as exc:
                 reason = f"cannot compose the {row.kind} for {row.delegation}: {_describe(exc)}"
@@ -446,10 +481,12 @@ class Engine:
         scheduled_at: datetime,
         message_id: str,
         now: datetime,
+        inbound_id: int | None = None,
     ) -> EmailMessage:
-        """Render one campaign email (request, reminder or overdue notice) with its workbook attached."""
-        if kind not in CAMPAIGN_KINDS:
-            raise UsageError(f"unknown email kind {kind!r}; expected one of {', '.join(CAMPAIGN_KINDS)}")
+        """Render one email to a delegation: a campaign email or a follow-up to one of its messages."""
+        if kind not in CAMPAIGN_KINDS and kind not in FOLLOW_UP_KINDS:
+            known = ", ".join((*CAMPAIGN_KINDS, *FOLLOW_UP_KINDS))
+            raise UsageError(f"unknown email kind {kind!r}; expected one of {known}")
         campaign = self.config.campaign(campaign_id)
         delegation = self.config.delegation(delegation_id)
         layout = self.layout(campaign)
@@ -482,8 +519,21 @@ class Engine:
             "days_left": max((campaign.deadline - local_day).days, 0) if kind == schedule.REMINDER else 0,
             "days_overdue": max((local_day - campaign.deadline).days, 0) if kind == schedule.OVERDUE else 0,
         }
+        headers = {
+            "X-Mailflow-Kind": kind,
+            "X-Mailflow-Campaign": campaign.id,
+            "X-Mailflow-Delegation": delegation.id,
+        }
+        if kind in FOLLOW_UP_KINDS:
+            if inbound_id is None:
+                raise UsageError(f"a {kind} answers a received message: preview it with inspect")
+            context.update(self._follow_up_context(inbound_id, delegation, labels, now, campaign))
+            headers.update(self._thread_headers(inbound_id))
         rendered = self.renderer.render(kind, language, context)
-        workbook = self._factory(campaign).build(make_fingerprint(self.secret, campaign.id, delegation.id))
+        attachments = []
+        if kind in ATTACH_WORKBOOK:
+            workbook = self._factory(campaign).build(make_fingerprint(self.secret, campaign.id, delegation.id))
+            attachments.append(Attachment(attachment_name, workbook))
         return build_message(
             rendered=rendered,
             from_name=secretariat.name,
@@ -492,13 +542,49 @@ class Engine:
             reply_to=secretariat.address,
             message_id=message_id,
             date=now,
-            headers={
-                "X-Mailflow-Kind": kind,
-                "X-Mailflow-Campaign": campaign.id,
-                "X-Mailflow-Delegation": delegation.id,
-            },
-            attachments=[Attachment(attachment_name, workbook)],
+            headers=headers,
+            attachments=attachments,
         )
+
+    def _follow_up_context(
+        self, inbound_id: int, delegation: Delegation, labels: Mapping[str, str], now: datetime, campaign: Campaign
+    ) -> dict[str, Any]:
+        received = self.store.inbound(inbound_id)
+        recorded = [
+            {"key": a.key, "label": labels.get(a.key, ""), "value": a.value}
+            for a in self.store.answers_from(inbound_id)
+        ]
+        changed = [
+            {"key": c.key, "column": c.column, "before": c.before, "after": c.after}
+            for c in self.store.row_changes(campaign.id, delegation.id, inbound_id)
+            if c.change == "changed"
+        ]
+        failed = [
+            {"filename": a.filename or "(sin nombre)", "reason": a.reason or ""}
+            for a in self.store.attachments(inbound_id)
+            if a.status in ("unreadable", "rejected")
+        ]
+        if not failed and received.outcome == "applied" and not recorded:
+            failed = [{"filename": "", "reason": NO_WORKBOOK_REASON[delegation.language]}]
+        return {
+            "reply_subject": received.subject,
+            "received_at_text": format_datetime(received.received_at, delegation.tz, delegation.language),
+            "recorded": recorded,
+            "changed_outside": changed,
+            "unreadable": failed,
+            "deadline_passed": now >= schedule.deadline_end(campaign, delegation),
+        }
+
+    def _thread_headers(self, inbound_id: int) -> dict[str, str]:
+        """In-Reply-To and References, so the follow-up lands in the delegation's thread."""
+        received = self.store.inbound(inbound_id)
+        if not received.message_id:
+            return {}
+        parsed = parse_message(self.store.inbound_raw(inbound_id))
+        chain = list(dict.fromkeys(m for m in (*parsed.references, received.message_id) if m))
+        # RFC 5322 advises keeping the first and the latest ids of a long thread.
+        kept = chain if len(chain) <= 10 else [chain[0], *chain[-9:]]
+        return {"In-Reply-To": received.message_id, "References": " ".join(kept)}
 
     def attachment_name(self, campaign: Campaign, delegation: Delegation) -> str:
         pattern = campaign.attachment_name.get(delegation.language) or DEFAULT_ATTACHMENT_NAMES[delegation.language]
@@ -543,7 +629,10 @@ class Engine:
             recorded = self.store.outbox_slots(campaign.id)
             states = self.store.states(campaign.id)
             request_sent = self.store.request_sent_at(campaign.id)
-            problems = self._send_problems(campaign.id)
+            problems = self.store.send_problems(campaign.id)
+            held: dict[str, list[int]] = {}
+            for row in self.store.inbound_rows(campaign=campaign.id, outcome="held"):
+                held.setdefault(row.delegation, []).append(row.id)
             total_default: int | None = None
             keys_default: tuple[str, ...] = ()
             rows: list[DelegationStatus] = []
@@ -590,18 +679,13 @@ class Engine:
                         deadline_at=end,
                         refused_contacts=tuple(r.address for r in refusals.get(delegation.id, [])),
                         send_problem=problems.get(delegation.id),
+                        all_contacts_failing={a.lower() for a in delegation.contacts}
+                        <= {r.address for r in refusals.get(delegation.id, [])},
+                        held=tuple(held.get(delegation.id, [])),
                     )
                 )
             out.append(CampaignStatus(campaign.id, campaign.title, tuple(rows)))
         return out
-
-    def _send_problems(self, campaign_id: str) -> dict[str, str]:
-        """The latest sending problem per delegation: a pending retry or a permanent failure."""
-        problems: dict[str, str] = {}
-        for row in self.store.outbox(campaign=campaign_id):
-            if row.status is OutboxStatus.FAILED or (row.status is OutboxStatus.PENDING and row.last_error):
-                problems[row.delegation] = f"{row.kind}: {row.last_error}"
-        return problems
 
 
 def _recipients(message: EmailMessage) -> list[str]:

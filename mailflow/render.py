@@ -22,7 +22,7 @@ import traceback
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from email import policy as email_policy
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -36,15 +36,34 @@ from babel.dates import format_date as babel_format_date
 
 from mailflow.errors import TemplateError
 
-KINDS_WITH_TEMPLATES = ("request", "reminder", "overdue")
+CAMPAIGN_KINDS = ("request", "reminder", "overdue")
+"""Emails the schedule sends on its own: the request, reminders before the deadline, notices after it."""
+
+FOLLOW_UP_KINDS = ("receipt", "missing", "unreadable")
+"""Emails sent in answer to a delegation's reply (threaded, ``Re: <their subject>``)."""
+
+KINDS_WITH_TEMPLATES = CAMPAIGN_KINDS + FOLLOW_UP_KINDS
 """Kinds of email that have a subject, text and HTML template in every language."""
+
+FOLLOW_UP_CONTEXT_KEYS = (
+    "reply_subject",
+    "received_at_text",
+    "recorded",
+    "changed_outside",
+    "unreadable",
+    "deadline_passed",
+)
+"""What a follow-up's context holds on top of a campaign email's (see :func:`example_context`)."""
 
 LANGUAGES = ("es", "en")
 TEMPLATE_PARTS = ("subject", "txt", "html")
 BUILTIN_TEMPLATES: Path = Path(__file__).resolve().parent.parent / "templates" / "email"
 
 MISSING_LIST_LIMIT = 15
-"""How many missing rows a reminder lists before it says "and N more"."""
+"""How many rows a list in an email shows before it says "and N more" (missing, recorded, changed, files)."""
+
+REPLY_SUBJECT_LIMIT = 200
+"""Longest part of a delegation's subject that is quoted in a follow-up's subject (characters)."""
 
 _DATE_PATTERNS = {
     "es": "EEEE d 'de' MMMM 'de' y",
@@ -57,6 +76,9 @@ _HEADER_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _HEADER_NAME_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")
 # Headers whose value is structural: the MIME machinery owns them.
 _RESERVED_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version"})
+
+# "Re:", "RE:", "RV:" (reenviado), "Fwd:", "AW:", "WG:", "TR:", "SV:", "Antw:", "Re[2]:"… at the start of a subject.
+_REPLY_PREFIX_RE = re.compile(r"^\s*(?:re|res|rv|fw|fwd|aw|wg|tr|sv|antw)\s*(?:\[\d+\]|\(\d+\))?\s*:\s*", re.IGNORECASE)
 
 _ID_CHARS = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 REFERENCE_RE: re.Pattern[str] = re.compile(
@@ -143,6 +165,34 @@ def parse_subject_reference(subject: str) -> tuple[str, str] | None:
         return None
     last = matches[-1]
     return last.group("campaign"), last.group("delegation")
+
+
+def reply_subject_line(subject: object, fallback: object = "") -> str:
+    """The subject of our answer to a message whose subject was ``subject``: ``Re: <their subject>``.
+
+    Their subject is cleaned first: every subject reference is taken out (the
+    template puts ours back at the end), control characters and line breaks become
+    spaces, and it is cut to :data:`REPLY_SUBJECT_LIMIT` characters. ``Re: `` is
+    added unless it already starts with a reply or forward prefix (``RE:``,
+    ``RV:``, ``Fwd:``…), so prefixes never pile up. When nothing is left (no
+    subject, or only a reference), ``Re: <fallback>`` is used; the fallback comes
+    from our own configuration and is not cleaned, so the subject check still
+    refuses a line break in it. ``None`` counts as no subject.
+    """
+    # str() first: an undefined template name then raises "'reply_subject' is undefined", not a TypeError.
+    text = "" if subject is None else str(subject)
+    fallback = "" if fallback is None else str(fallback)
+    cleaned = _oneline(_HEADER_CONTROL_RE.sub(" ", REFERENCE_RE.sub(" ", text)))
+    if len(cleaned) > REPLY_SUBJECT_LIMIT:
+        cleaned = cleaned[: REPLY_SUBJECT_LIMIT - 1].rstrip() + "…"
+    rest = cleaned
+    while (prefix := _REPLY_PREFIX_RE.match(rest)) is not None and prefix.end() > 0:
+        rest = rest[prefix.end() :]
+    if not rest.strip(" -—–:"):
+        return f"Re: {fallback}" if fallback else "Re:"
+    if rest != cleaned:
+        return cleaned
+    return f"Re: {cleaned}"
 
 
 def _readable(part: str, limit: int) -> str:
@@ -249,6 +299,7 @@ class Renderer:
         env.filters["date_text"] = format_date
         env.filters["datetime_text"] = _datetime_text_filter
         env.filters["oneline"] = _oneline
+        env.filters["re_subject"] = reply_subject_line
         env.globals["missing_limit"] = MISSING_LIST_LIMIT
         return env
 
@@ -344,9 +395,10 @@ class Renderer:
         """Every template of every kind and language exists and compiles; returns one line per problem.
 
         Shared pieces (``_base.html.j2``…) and every other ``*.j2`` file are
-        compiled too, and the three kinds with a known context are test-rendered
-        with a sample one, so a misspelt name in an override is found before it is
-        needed.
+        compiled too, and every kind is test-rendered with sample contexts (the
+        follow-ups with several, so that each of their branches runs: lists empty,
+        single and over the limit, deadline passed or not), so a misspelt name in an
+        override is found before it is needed.
         """
         problems: list[str] = []
         if self.override_dir is not None and not self.override_dir.is_dir():
@@ -394,19 +446,59 @@ class Renderer:
             for kind in KINDS_WITH_TEMPLATES:
                 if any(template_name(lang, kind, part) in broken for part in TEMPLATE_PARTS):
                     continue
-                try:
-                    self.render(kind, lang, example_context(kind, lang))
-                except TemplateError as exc:
-                    problems.append(str(exc))
+                for context in _check_contexts(kind, lang):
+                    try:
+                        self.render(kind, lang, context)
+                    except TemplateError as exc:
+                        if str(exc) not in problems:
+                            problems.append(str(exc))
         return problems
 
 
+def _example_recorded(count: int) -> list[dict[str, str]]:
+    return [
+        {
+            "key": f"{1 + i // 5}.{1 + i % 5}",
+            "label": f"Action {1 + i // 5}.{1 + i % 5}",
+            "value": f"Institution {i + 1}",
+        }
+        for i in range(count)
+    ]
+
+
+_EXAMPLE_CHANGED = [
+    {"key": "1.2", "column": "Indicator", "before": "Number of protocols adopted", "after": "Protocols adopted"},
+    {"key": "3.1", "column": "Timeframe", "before": "2018", "after": ""},
+]
+_EXAMPLE_UNREADABLE = [
+    {"filename": "Strategic Plan - Honduras.xlsx", "reason": "the file is password-protected"},
+    {"filename": "Plan (2).xlsx", "reason": "the file is damaged and cannot be opened"},
+]
+
+
 def example_context(kind: str, language: str) -> dict[str, Any]:
-    """A plausible context for ``kind``: used by :meth:`Renderer.check` to test-render templates."""
+    """A plausible context for ``kind``: used by :meth:`Renderer.check` to test-render templates.
+
+    Every kind gets the campaign keys; the follow-ups (:data:`FOLLOW_UP_KINDS`)
+    also get :data:`FOLLOW_UP_CONTEXT_KEYS`:
+
+    * ``reply_subject`` (str): the subject of the delegation's message;
+    * ``received_at_text`` (str): when it arrived, in their language and time zone;
+    * ``recorded`` (list of ``{key, label, value}``): the answers recorded from it
+      (for a ``receipt``, every recorded answer);
+    * ``changed_outside`` (list of ``{key, column, before, after}``): cells changed
+      outside the fill column, not applied;
+    * ``unreadable`` (list of ``{filename, reason}``): attachments that could not
+      be read, with a reason already written for the reader;
+    * ``deadline_passed`` (bool).
+    """
     name = "Honduras"
     deadline = date(2017, 10, 23)
     missing = [{"key": f"{line}.{n}", "label": f"Action {line}.{n}"} for line in range(1, 5) for n in range(1, 6)]
-    return {
+    total = 40
+    if kind == "receipt":
+        missing = []
+    context: dict[str, Any] = {
         "kind": kind,
         "language": language,
         "secretariat": {"name": "Technical Secretariat of the RCM", "address": "ts@example.org"},
@@ -418,12 +510,72 @@ def example_context(kind: str, language: str) -> dict[str, Any]:
         "deadline_text": format_date(deadline, language),
         "timezone_label": timezone_label(name, language),
         "attachment_name": "Strategic Plan - Honduras.xlsx",
-        "total": 40,
-        "filled": 40 - len(missing),
+        "total": total,
+        "filled": total - len(missing),
         "missing": missing,
         "days_left": 1 if kind == "reminder" else 0,
         "days_overdue": 2 if kind == "overdue" else 0,
     }
+    if kind in FOLLOW_UP_KINDS:
+        # A receipt lists every answer; a partial return recorded a few (not among the missing ones);
+        # an unreadable attachment recorded nothing.
+        answers = _example_recorded(total)
+        recorded = {"receipt": answers, "missing": answers[20:25]}.get(kind, [])
+        unreadable = {"missing": _EXAMPLE_UNREADABLE[:1], "unreadable": _EXAMPLE_UNREADABLE}.get(kind, [])
+        context.update(
+            {
+                "reply_subject": f"RE: Strategic Plan 2017-2022 — {name} {context['reference']}",
+                "received_at_text": format_datetime(
+                    datetime(2017, 10, 21, 16, 15, tzinfo=UTC), ZoneInfo("America/Tegucigalpa"), language
+                ),
+                "recorded": recorded,
+                "changed_outside": [] if kind == "unreadable" else _EXAMPLE_CHANGED[:1],
+                "unreadable": unreadable,
+                "deadline_passed": False,
+            }
+        )
+    return context
+
+
+def _check_contexts(kind: str, language: str) -> list[dict[str, Any]]:
+    """The contexts :meth:`Renderer.check` renders ``kind`` with.
+
+    The example, and for a follow-up three variants that between them take every
+    branch of the built-in templates: lists over the limit, single items with the
+    deadline passed, and everything empty (no subject, nothing recorded yet).
+    """
+    base = example_context(kind, language)
+    if kind not in FOLLOW_UP_KINDS:
+        return [base]
+    over = MISSING_LIST_LIMIT + 2
+    full = _example_recorded(base["total"])
+    missing = [{"key": item["key"], "label": item["label"]} for item in full]
+    many = {
+        **base,
+        "recorded": full[:over],
+        "changed_outside": (_EXAMPLE_CHANGED * over)[:over],
+        "unreadable": (_EXAMPLE_UNREADABLE * over)[:over],
+    }
+    single = {
+        **base,
+        "recorded": full[:1],
+        "changed_outside": _EXAMPLE_CHANGED[:1],
+        "unreadable": _EXAMPLE_UNREADABLE[:1],
+        "missing": [] if kind == "receipt" else missing[:1],
+        "filled": base["total"] if kind == "receipt" else base["total"] - 1,
+        "deadline_passed": True,
+        "days_overdue": 2,
+    }
+    empty = {
+        **base,
+        "reply_subject": "",
+        "recorded": [],
+        "changed_outside": [],
+        "unreadable": [],
+        "missing": [] if kind == "receipt" else missing,
+        "filled": base["total"] if kind == "receipt" else 0,
+    }
+    return [base, many, single, empty]
 
 
 # --------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from mailflow.engine import CampaignStatus
@@ -30,8 +31,12 @@ def format_status_table(campaigns: Sequence[CampaignStatus], tz: ZoneInfo) -> st
         rows: list[tuple[str, ...]] = []
         for d in campaign.delegations:
             notes = []
+            if d.all_contacts_failing:
+                notes.append("EVERY CONTACT FAILS")
             if d.refused_contacts:
                 notes.append("refused: " + ", ".join(d.refused_contacts))
+            if d.held:
+                notes.append(f"{len(d.held)} reply(ies) held for review: " + ", ".join(f"#{i}" for i in d.held))
             if d.send_problem:
                 notes.append(d.send_problem)
             rows.append(
@@ -54,3 +59,36 @@ def format_status_table(campaigns: Sequence[CampaignStatus], tz: ZoneInfo) -> st
         lines.append(f"{complete} of {len(campaign.delegations)} delegations complete")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else "no campaigns configured"
+
+
+def format_inspection(result: Mapping[str, Any]) -> str:
+    """``inspect`` for people: what mailflow would record and reply."""
+    lines = [
+        f"kind:        {result.get('kind')}",
+        f"campaign:    {result.get('campaign') or '-'}",
+        f"delegation:  {result.get('delegation') or '-'}"
+        + (f"  ({result['evidence']})" if result.get("evidence") else ""),
+        f"trusted:     {result.get('sender_trusted')}",
+    ]
+    if result.get("from"):
+        lines.append(f"from:        {result['from']}")
+    if result.get("outcome"):
+        lines.append(f"outcome:     {result['outcome']}" + (f" — {result['reason']}" if result.get("reason") else ""))
+    for failure in result.get("failures") or []:
+        kind = "permanent" if failure["permanent"] else "delayed"
+        lines.append(f"failed:      {failure['recipient']} {failure['status']} ({kind}) {failure['diagnostic']}")
+    for attachment in result.get("attachments") or []:
+        lines.append(
+            f"attachment:  {attachment['filename'] or '(no name)'}: {attachment['status']}"
+            + (f" — {attachment['reason']}" if attachment.get("reason") else "")
+        )
+        if attachment.get("filled") or attachment.get("missing"):
+            lines.append(
+                f"             {len(attachment['filled'])} answered, missing: "
+                + (", ".join(attachment["missing"]) or "none")
+            )
+    if result.get("body_answers"):
+        lines.append(f"body:        {len(result['body_answers'])} answer(s) in the text")
+    if "follow_up" in result:
+        lines.append(f"would reply: {result.get('follow_up') or 'nothing'}")
+    return "\n".join(lines)

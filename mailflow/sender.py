@@ -17,8 +17,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
+from mailflow.auth import oauth2_token, xoauth2_string
 from mailflow.config import SmtpSettings
-from mailflow.errors import PermanentSendError, SendError, ServerUnavailable, TemporarySendError
+from mailflow.errors import (
+    MailflowError,
+    PermanentSendError,
+    SendError,
+    ServerUnavailable,
+    TemporarySendError,
+)
 
 
 class Connection(Protocol):
@@ -37,6 +44,12 @@ class Transport(Protocol):
 
     def connect(self) -> Connection:
         """Open a connection; raises TemporarySendError (or PermanentSendError for bad credentials)."""
+
+
+def _close(client: smtplib.SMTP | None) -> None:
+    """Close a half-open session (after a failed STARTTLS or greeting)."""
+    if client is not None:
+        client.close()
 
 
 def _text(value: bytes | str) -> str:
@@ -96,29 +109,40 @@ class SmtpTransport:
     def connect(self) -> SmtpConnection:
         s = self.settings
         where = f"SMTP server {s.host}:{s.port}"
-        client: smtplib.SMTP
+        context = self._ssl_context() if s.security in ("ssl", "starttls") else None
+        client: smtplib.SMTP | None = None
         try:
             if s.security == "ssl":
                 client = smtplib.SMTP_SSL(
                     s.host,
                     s.port,
                     timeout=s.timeout,
-                    context=ssl.create_default_context(),
+                    context=context,
                     local_hostname=self.local_hostname,
                 )
             else:
                 client = smtplib.SMTP(s.host, s.port, timeout=s.timeout, local_hostname=self.local_hostname)
                 if s.security == "starttls":
                     client.ehlo()
-                    client.starttls(context=ssl.create_default_context())
+                    client.starttls(context=context)
                     client.ehlo()
         except smtplib.SMTPResponseException as exc:
+            _close(client)
             raise TemporarySendError(
                 f"{where} refused the connection: {exc.smtp_code} {_text(exc.smtp_error)}"
             ) from exc
+        except ssl.SSLCertVerificationError as exc:
+            _close(client)
+            raise TemporarySendError(
+                f"the TLS certificate of {where} is not trusted ({exc.verify_message or exc.reason}); "
+                "set mail.smtp.ca_file to the CA that signed it, or check mail.smtp.host"
+            ) from exc
         except (OSError, smtplib.SMTPException) as exc:
+            _close(client)
             raise TemporarySendError(f"cannot connect to {where}: {exc}") from exc
-        if s.username:
+        if s.oauth2_token_command:
+            self._login_xoauth2(client, where)
+        elif s.username:
             try:
                 client.login(s.username, s.password or "")
             except smtplib.SMTPAuthenticationError as exc:
@@ -132,6 +156,47 @@ class SmtpTransport:
                 client.close()
                 raise TemporarySendError(f"login to {where} failed: {exc}") from exc
         return SmtpConnection(client)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """Verify the server's certificate, against ``ca_file`` when given (a private CA)."""
+        ca_file = self.settings.ca_file
+        try:
+            return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise PermanentSendError(f"cannot read the CA file {ca_file}: {exc}; check mail.smtp.ca_file") from exc
+
+    def _login_xoauth2(self, client: smtplib.SMTP, where: str) -> None:
+        """SASL XOAUTH2 with a fresh token from ``oauth2_token_command``."""
+        s = self.settings
+        assert s.oauth2_token_command
+        if not s.username:
+            client.close()
+            raise PermanentSendError(f"no login for {where}: set mail.smtp.username (OAuth2 needs it)")
+        try:
+            token = oauth2_token(s.oauth2_token_command, s.timeout, setting="mail.smtp.oauth2_token_command")
+        except MailflowError as exc:
+            client.close()
+            raise TemporarySendError(str(exc)) from exc
+        initial = xoauth2_string(s.username, token)
+
+        def respond(challenge: bytes | None = None) -> str:
+            # On failure the server sends a JSON error as a challenge; an empty
+            # reply then ends the exchange with the final error code.
+            return initial if challenge is None else ""
+
+        try:
+            client.ehlo_or_helo_if_needed()
+            client.auth("XOAUTH2", respond)
+        except smtplib.SMTPAuthenticationError as exc:
+            client.close()
+            raise PermanentSendError(
+                f"{where} rejected the XOAUTH2 login of {s.username}: {exc.smtp_code} {_text(exc.smtp_error)}; "
+                "check mail.smtp.username and mail.smtp.oauth2_token_command (is the token valid for SMTP?)",
+                code=exc.smtp_code,
+            ) from exc
+        except (OSError, smtplib.SMTPException) as exc:
+            client.close()
+            raise TemporarySendError(f"XOAUTH2 login to {where} failed: {exc}") from exc
 
 
 class LocalConnection:

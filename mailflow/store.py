@@ -105,6 +105,80 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX events_by_delegation ON events (campaign, delegation, at);
     """,
+    # 2: received mail, its attachments, the answers taken from it, and where each mailbox was read up to.
+    """
+    CREATE TABLE inbound (
+        id INTEGER PRIMARY KEY,
+        folder TEXT NOT NULL,
+        uidvalidity INTEGER NOT NULL,
+        uid INTEGER NOT NULL,
+        message_id TEXT,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        received_at TEXT NOT NULL,
+        from_address TEXT,
+        subject TEXT NOT NULL DEFAULT '',
+        kind TEXT NOT NULL,
+        campaign TEXT NOT NULL DEFAULT '',
+        delegation TEXT NOT NULL DEFAULT '',
+        evidence TEXT NOT NULL DEFAULT '',
+        trusted INTEGER,
+        outcome TEXT NOT NULL,
+        reason TEXT,
+        moved INTEGER NOT NULL DEFAULT 0,
+        duplicate_of INTEGER REFERENCES inbound (id),
+        raw BLOB,
+        UNIQUE (folder, uidvalidity, uid)
+    );
+    CREATE INDEX inbound_by_message_id ON inbound (message_id);
+    CREATE INDEX inbound_by_hash ON inbound (sha256);
+    CREATE INDEX inbound_by_delegation ON inbound (campaign, delegation, received_at);
+    CREATE TABLE attachment (
+        id INTEGER PRIMARY KEY,
+        inbound_id INTEGER NOT NULL REFERENCES inbound (id),
+        filename TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT,
+        filled INTEGER NOT NULL DEFAULT 0,
+        duplicate_of INTEGER
+    );
+    CREATE INDEX attachment_by_hash ON attachment (sha256);
+    CREATE TABLE answer (
+        id INTEGER PRIMARY KEY,
+        campaign TEXT NOT NULL,
+        delegation TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        source TEXT NOT NULL,
+        inbound_id INTEGER NOT NULL REFERENCES inbound (id),
+        attachment_id INTEGER,
+        recorded_at TEXT NOT NULL,
+        current INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX answer_current ON answer (campaign, delegation, current, key);
+    CREATE TABLE row_change (
+        id INTEGER PRIMARY KEY,
+        campaign TEXT NOT NULL,
+        delegation TEXT NOT NULL,
+        inbound_id INTEGER NOT NULL REFERENCES inbound (id),
+        key TEXT NOT NULL,
+        change TEXT NOT NULL,
+        column_name TEXT NOT NULL DEFAULT '',
+        before TEXT NOT NULL DEFAULT '',
+        after TEXT NOT NULL DEFAULT '',
+        recorded_at TEXT NOT NULL
+    );
+    CREATE TABLE mailbox_state (
+        folder TEXT PRIMARY KEY,
+        uidvalidity INTEGER NOT NULL,
+        last_read_at TEXT
+    );
+    ALTER TABLE outbox ADD COLUMN inbound_id INTEGER;
+    ALTER TABLE contact_refusal ADD COLUMN source TEXT NOT NULL DEFAULT 'smtp';
+    """,
 )
 
 
@@ -140,6 +214,7 @@ class OutboxRow:
     sent_at: datetime | None
     refused: dict[str, str]
     has_body: bool
+    inbound_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +240,73 @@ class Refusal:
     code: int | None
     reason: str
     at: datetime
+    source: str = "smtp"  # smtp: refused when sending; bounce: a delivery-status notification came back
+
+
+@dataclass(frozen=True)
+class InboundRow:
+    """One received message as recorded (its raw bytes are fetched separately)."""
+
+    id: int
+    folder: str
+    uidvalidity: int
+    uid: int
+    message_id: str | None
+    sha256: str
+    size: int
+    received_at: datetime
+    from_address: str | None
+    subject: str
+    kind: str
+    campaign: str
+    delegation: str
+    evidence: str
+    trusted: bool | None
+    outcome: str
+    reason: str | None
+    moved: bool
+    duplicate_of: int | None
+
+
+@dataclass(frozen=True)
+class AttachmentRow:
+    """One file received, and what became of it."""
+
+    id: int
+    inbound_id: int
+    filename: str
+    content_type: str
+    sha256: str
+    size: int
+    status: str
+    reason: str | None
+    filled: int
+    duplicate_of: int | None
+
+
+@dataclass(frozen=True)
+class AnswerRow:
+    """One answer recorded for a key (the current one, or history)."""
+
+    key: str
+    value: str
+    source: str
+    inbound_id: int
+    recorded_at: datetime
+    current: bool
+
+
+@dataclass(frozen=True)
+class RowChangeRow:
+    """A row a delegation added, deleted, or changed outside the fill column."""
+
+    key: str
+    change: str  # added | deleted | changed
+    column: str
+    before: str
+    after: str
+    inbound_id: int
+    recorded_at: datetime
 
 
 @dataclass(frozen=True)
@@ -184,7 +326,7 @@ class Event:
 _OUTBOX_COLUMNS = (
     "o.id, o.campaign, o.delegation, o.kind, o.slot, o.message_id, o.status, o.scheduled_at, o.created_at, "
     "o.recipients, o.subject, o.attempts, o.next_attempt_at, o.last_error, o.sent_at, o.refused, "
-    "EXISTS (SELECT 1 FROM outbox_body b WHERE b.outbox_id = o.id)"
+    "EXISTS (SELECT 1 FROM outbox_body b WHERE b.outbox_id = o.id), o.inbound_id"
 )
 
 
@@ -209,6 +351,7 @@ def _outbox_row(row: Sequence[Any]) -> OutboxRow:
         sent_at=from_text(row[14]),
         refused=json.loads(row[15]),
         has_body=bool(row[16]),
+        inbound_id=row[17],
     )
 
 
@@ -236,6 +379,21 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the store {path}: {exc}; check the path and its permissions") from exc
         store = cls(connection, path)
+        store.migrate()
+        return store
+
+    @classmethod
+    def snapshot(cls, path: Path) -> Store:
+        """An in-memory copy of the store at ``path`` (or an empty one): for dry runs that must change nothing."""
+        memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        if path.exists():
+            try:
+                source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_SECONDS)
+                source.backup(memory)
+                source.close()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read the store {path}: {exc}") from exc
+        store = cls(memory, path)
         store.migrate()
         return store
 
@@ -370,11 +528,12 @@ class Store:
         scheduled_at: datetime | None,
         created_at: datetime,
         reason: str | None = None,
+        inbound_id: int | None = None,
     ) -> int | None:
         """Record an email to send (or a slot skipped). Returns its id, or None if that slot was recorded before."""
         cursor = self._execute(
             "INSERT INTO outbox (campaign, delegation, kind, slot, message_id, status, scheduled_at, created_at, "
-            "next_attempt_at, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            "next_attempt_at, last_error, inbound_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (
                 campaign,
                 delegation,
@@ -386,6 +545,7 @@ class Store:
                 to_text(created_at),
                 to_text(created_at) if status is OutboxStatus.PENDING else None,
                 reason,
+                inbound_id,
             ),
         )
         return cursor.lastrowid if cursor.rowcount else None
@@ -472,6 +632,15 @@ class Store:
             (reason, outbox_id),
         )
 
+    def send_problems(self, campaign: str) -> dict[str, str]:
+        """The latest sending problem per delegation: a pending retry or a permanent failure."""
+        rows = self._execute(
+            "SELECT delegation, kind, last_error FROM outbox WHERE campaign = ? AND last_error IS NOT NULL "
+            "AND (status = 'failed' OR status = 'pending') ORDER BY id",
+            (campaign,),
+        )
+        return {delegation: f"{kind}: {error}" for delegation, kind, error in rows}
+
     def last_sent_at(self) -> datetime | None:
         row = self._execute("SELECT MAX(sent_at) FROM outbox").fetchone()
         return from_text(row[0]) if row else None
@@ -479,25 +648,301 @@ class Store:
     # -- contacts ----------------------------------------------------------
 
     def record_refusal(
-        self, address: str, delegation: str, code: int | None, reason: str, at: datetime, outbox_id: int | None
+        self,
+        address: str,
+        delegation: str,
+        code: int | None,
+        reason: str,
+        at: datetime,
+        outbox_id: int | None,
+        source: str = "smtp",
     ) -> None:
+        """A contact refused for good: by the SMTP server at sending (``smtp``) or by a bounce (``bounce``)."""
         self._execute(
-            "INSERT INTO contact_refusal (address, delegation, code, reason, at, outbox_id) VALUES (?, ?, ?, ?, ?, ?) "
+            "INSERT INTO contact_refusal (address, delegation, code, reason, at, outbox_id, source) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (address) DO UPDATE SET code = excluded.code, reason = excluded.reason, at = excluded.at, "
-            "outbox_id = excluded.outbox_id, delegation = excluded.delegation",
-            (address.lower(), delegation, code, reason, to_text(at), outbox_id),
+            "outbox_id = excluded.outbox_id, delegation = excluded.delegation, source = excluded.source",
+            (address.lower(), delegation, code, reason, to_text(at), outbox_id, source),
         )
 
     def refusals(self) -> dict[str, list[Refusal]]:
-        """Permanently refused contacts, by delegation."""
+        """Permanently refused or bouncing contacts, by delegation."""
         out: dict[str, list[Refusal]] = {}
-        for address, delegation, code, reason, at in self._execute(
-            "SELECT address, delegation, code, reason, at FROM contact_refusal ORDER BY address"
+        for address, delegation, code, reason, at, source in self._execute(
+            "SELECT address, delegation, code, reason, at, source FROM contact_refusal ORDER BY address"
         ):
             out.setdefault(delegation, []).append(
-                Refusal(address, delegation, code, reason, datetime.fromisoformat(at))
+                Refusal(address, delegation, code, reason, datetime.fromisoformat(at), source)
             )
         return out
+
+    # -- received mail -----------------------------------------------------
+
+    def mailbox_state(self, folder: str) -> tuple[int, datetime | None] | None:
+        """The UIDVALIDITY last seen for a folder and when it was last read successfully."""
+        row = self._execute(
+            "SELECT uidvalidity, last_read_at FROM mailbox_state WHERE folder = ?", (folder,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), from_text(row[1]))
+
+    def set_mailbox_state(self, folder: str, uidvalidity: int, read_at: datetime) -> None:
+        self._execute(
+            "INSERT INTO mailbox_state (folder, uidvalidity, last_read_at) VALUES (?, ?, ?) ON CONFLICT (folder) "
+            "DO UPDATE SET uidvalidity = excluded.uidvalidity, last_read_at = excluded.last_read_at",
+            (folder, uidvalidity, to_text(read_at)),
+        )
+
+    def last_inbox_read_at(self) -> datetime | None:
+        row = self._execute("SELECT MAX(last_read_at) FROM mailbox_state").fetchone()
+        return from_text(row[0]) if row else None
+
+    def known_uids(self, folder: str, uidvalidity: int) -> dict[int, InboundRow]:
+        """Messages of a folder already accounted for, by UID."""
+        rows = self._execute(
+            f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE folder = ? AND uidvalidity = ?", (folder, uidvalidity)
+        )
+        return {r[3]: _inbound_row(r) for r in rows}
+
+    def find_inbound(self, message_id: str | None, sha256: str) -> InboundRow | None:
+        """A message recorded before under another UID (after a UIDVALIDITY change): same Message-ID and bytes."""
+        row = self._execute(
+            f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE sha256 = ? AND (message_id IS ? OR message_id = ?) "
+            "AND duplicate_of IS NULL ORDER BY id LIMIT 1",
+            (sha256, message_id, message_id),
+        ).fetchone()
+        return None if row is None else _inbound_row(row)
+
+    def add_inbound(
+        self,
+        *,
+        folder: str,
+        uidvalidity: int,
+        uid: int,
+        message_id: str | None,
+        sha256: str,
+        size: int,
+        received_at: datetime,
+        from_address: str | None,
+        subject: str,
+        kind: str,
+        campaign: str,
+        delegation: str,
+        evidence: str,
+        trusted: bool | None,
+        outcome: str,
+        reason: str | None,
+        raw: bytes | None,
+        duplicate_of: int | None = None,
+    ) -> int:
+        cursor = self._execute(
+            "INSERT INTO inbound (folder, uidvalidity, uid, message_id, sha256, size, received_at, from_address, "
+            "subject, kind, campaign, delegation, evidence, trusted, outcome, reason, duplicate_of, raw) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                folder,
+                uidvalidity,
+                uid,
+                message_id,
+                sha256,
+                size,
+                to_text(received_at),
+                from_address,
+                subject,
+                kind,
+                campaign,
+                delegation,
+                evidence,
+                None if trusted is None else int(trusted),
+                outcome,
+                reason,
+                duplicate_of,
+                raw,
+            ),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def mark_moved(self, inbound_id: int) -> None:
+        self._execute("UPDATE inbound SET moved = 1 WHERE id = ?", (inbound_id,))
+
+    def inbound(self, inbound_id: int) -> InboundRow:
+        row = self._execute(f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE id = ?", (inbound_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no received message with id {inbound_id}")
+        return _inbound_row(row)
+
+    def inbound_raw(self, inbound_id: int) -> bytes:
+        row = self._execute("SELECT raw, duplicate_of FROM inbound WHERE id = ?", (inbound_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no received message with id {inbound_id}")
+        if row[0] is None and row[1] is not None:
+            return self.inbound_raw(int(row[1]))
+        return bytes(row[0] or b"")
+
+    def inbound_rows(
+        self, *, campaign: str | None = None, delegation: str | None = None, outcome: str | None = None
+    ) -> list[InboundRow]:
+        sql = f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE 1=1"
+        params: list[Any] = []
+        for column, value in (("campaign", campaign), ("delegation", delegation), ("outcome", outcome)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        return [_inbound_row(r) for r in self._execute(sql + " ORDER BY received_at, id", params)]
+
+    def add_attachment(
+        self,
+        inbound_id: int,
+        *,
+        filename: str,
+        content_type: str,
+        sha256: str,
+        size: int,
+        status: str,
+        reason: str | None,
+        filled: int,
+        duplicate_of: int | None,
+    ) -> int:
+        cursor = self._execute(
+            "INSERT INTO attachment (inbound_id, filename, content_type, sha256, size, status, reason, filled, "
+            "duplicate_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (inbound_id, filename, content_type, sha256, size, status, reason, filled, duplicate_of),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def attachments(self, inbound_id: int) -> list[AttachmentRow]:
+        rows = self._execute(
+            "SELECT id, inbound_id, filename, content_type, sha256, size, status, reason, filled, duplicate_of "
+            "FROM attachment WHERE inbound_id = ? ORDER BY id",
+            (inbound_id,),
+        )
+        return [AttachmentRow(*r) for r in rows]
+
+    def attachment_seen(self, campaign: str, delegation: str, sha256: str) -> int | None:
+        """A byte-identical file this delegation sent before (counted once)."""
+        row = self._execute(
+            "SELECT a.id FROM attachment a JOIN inbound i ON i.id = a.inbound_id WHERE a.sha256 = ? "
+            "AND i.campaign = ? AND i.delegation = ? AND a.duplicate_of IS NULL ORDER BY a.id LIMIT 1",
+            (sha256, campaign, delegation),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def current_answers(self, campaign: str, delegation: str | None = None) -> dict[str, dict[str, str]]:
+        """The current answer per key, by delegation."""
+        sql = "SELECT delegation, key, value FROM answer WHERE campaign = ? AND current = 1"
+        params: list[Any] = [campaign]
+        if delegation is not None:
+            sql += " AND delegation = ?"
+            params.append(delegation)
+        out: dict[str, dict[str, str]] = {}
+        for who, key, value in self._execute(sql, params):
+            out.setdefault(who, {})[key] = value
+        return out
+
+    def set_answer(
+        self,
+        campaign: str,
+        delegation: str,
+        key: str,
+        value: str,
+        *,
+        source: str,
+        inbound_id: int,
+        attachment_id: int | None,
+        at: datetime,
+    ) -> bool:
+        """Record an answer; the latest non-empty one wins and the earlier stay as history.
+
+        Returns True when the current answer changed."""
+        current = self._execute(
+            "SELECT id, value FROM answer WHERE campaign = ? AND delegation = ? AND key = ? AND current = 1",
+            (campaign, delegation, key),
+        ).fetchone()
+        if current is not None and current[1] == value:
+            return False
+        if current is not None:
+            self._execute("UPDATE answer SET current = 0 WHERE id = ?", (current[0],))
+        self._execute(
+            "INSERT INTO answer (campaign, delegation, key, value, source, inbound_id, attachment_id, recorded_at, "
+            "current) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)",
+            (campaign, delegation, key, value, source, inbound_id, attachment_id, to_text(at)),
+        )
+        return True
+
+    def answers_from(self, inbound_id: int) -> list[AnswerRow]:
+        """The answers a message brought (whether or not still current)."""
+        rows = self._execute(
+            "SELECT key, value, source, inbound_id, recorded_at, current FROM answer WHERE inbound_id = ? ORDER BY id",
+            (inbound_id,),
+        )
+        return [AnswerRow(r[0], r[1], r[2], r[3], datetime.fromisoformat(r[4]), bool(r[5])) for r in rows]
+
+    def answer_history(self, campaign: str, delegation: str) -> list[AnswerRow]:
+        rows = self._execute(
+            "SELECT key, value, source, inbound_id, recorded_at, current FROM answer WHERE campaign = ? "
+            "AND delegation = ? ORDER BY id",
+            (campaign, delegation),
+        )
+        return [AnswerRow(r[0], r[1], r[2], r[3], datetime.fromisoformat(r[4]), bool(r[5])) for r in rows]
+
+    def add_row_change(
+        self,
+        campaign: str,
+        delegation: str,
+        inbound_id: int,
+        *,
+        key: str,
+        change: str,
+        column: str,
+        before: str,
+        after: str,
+        at: datetime,
+    ) -> None:
+        self._execute(
+            "INSERT INTO row_change (campaign, delegation, inbound_id, key, change, column_name, before, after, "
+            "recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (campaign, delegation, inbound_id, key, change, column, before, after, to_text(at)),
+        )
+
+    def row_changes(
+        self, campaign: str, delegation: str | None = None, inbound_id: int | None = None
+    ) -> list[RowChangeRow]:
+        sql = (
+            "SELECT key, change, column_name, before, after, inbound_id, recorded_at FROM row_change WHERE campaign = ?"
+        )
+        params: list[Any] = [campaign]
+        if delegation is not None:
+            sql += " AND delegation = ?"
+            params.append(delegation)
+        if inbound_id is not None:
+            sql += " AND inbound_id = ?"
+            params.append(inbound_id)
+        rows = self._execute(sql + " ORDER BY id", params)
+        return [RowChangeRow(r[0], r[1], r[2], r[3], r[4], r[5], datetime.fromisoformat(r[6])) for r in rows]
+
+    def sent_message_ids(self, message_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """Which of these Message-IDs we sent, and to which campaign and delegation."""
+        out: dict[str, tuple[str, str]] = {}
+        wanted = [m for m in message_ids if m]
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            for message_id, campaign, delegation in self._execute(
+                f"SELECT message_id, campaign, delegation FROM outbox WHERE message_id IN ({marks})", chunk
+            ):
+                out[message_id] = (campaign, delegation)
+        return out
+
+    def latest_request_campaign(self, delegation: str) -> str | None:
+        """The campaign whose request most recently went to this delegation."""
+        row = self._execute(
+            "SELECT campaign FROM outbox WHERE delegation = ? AND kind = 'request' AND sent_at IS NOT NULL "
+            "ORDER BY sent_at DESC LIMIT 1",
+            (delegation,),
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     # -- delegation state --------------------------------------------------
 
@@ -558,6 +1003,36 @@ class Store:
                 delegation=delegation,
                 detail={"from": old, "to": state.value, "filled": filled, "total": total},
             )
+
+
+_INBOUND_COLUMNS = (
+    "id, folder, uidvalidity, uid, message_id, sha256, size, received_at, from_address, subject, kind, campaign, "
+    "delegation, evidence, trusted, outcome, reason, moved, duplicate_of"
+)
+
+
+def _inbound_row(r: Sequence[Any]) -> InboundRow:
+    return InboundRow(
+        id=r[0],
+        folder=r[1],
+        uidvalidity=r[2],
+        uid=r[3],
+        message_id=r[4],
+        sha256=r[5],
+        size=r[6],
+        received_at=datetime.fromisoformat(r[7]),
+        from_address=r[8],
+        subject=r[9],
+        kind=r[10],
+        campaign=r[11],
+        delegation=r[12],
+        evidence=r[13],
+        trusted=None if r[14] is None else bool(r[14]),
+        outcome=r[15],
+        reason=r[16],
+        moved=bool(r[17]),
+        duplicate_of=r[18],
+    )
 
 
 def _statements(script: str) -> list[str]:

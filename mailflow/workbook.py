@@ -40,10 +40,6 @@ from typing import IO, NoReturn
 from xml.parsers import expat
 
 import python_calamine
-from openpyxl import load_workbook
-from openpyxl.comments import Comment
-from openpyxl.packaging.custom import StringProperty
-from openpyxl.styles import Border, PatternFill, Protection, Side
 
 from mailflow.errors import WorkbookError
 
@@ -205,6 +201,8 @@ class PlanRow:
     """Current text of the fill column, ``""`` when empty."""
     label: str
     """Short human label: the cell right after the key column (the action)."""
+    values: tuple[str, ...] = ()
+    """Text of every column under a header, in header order (what a returned copy is compared with)."""
 
 
 @dataclass(frozen=True)
@@ -351,10 +349,12 @@ class _HeaderMatch:
         return found, sum(1 for text in self.texts if text)
 
 
-def _scan_headers(grid: Grid, key_column: str, fill_column: str) -> tuple[_HeaderMatch | None, _HeaderMatch | None]:
-    """Return (the header row, the best partial candidate) among the first rows."""
+def _scan_headers(
+    grid: Grid, key_column: str, fill_column: str, rows: int = HEADER_SCAN_ROWS
+) -> tuple[_HeaderMatch | None, _HeaderMatch | None]:
+    """Return (the header row, the best partial candidate) among the first ``rows`` rows."""
     best: _HeaderMatch | None = None
-    for index, cells in enumerate(grid[:HEADER_SCAN_ROWS]):
+    for index, cells in enumerate(grid[:rows]):
         texts = tuple(cell_text(cell) for cell in cells)
         match = _HeaderMatch(index, find_column(texts, key_column), find_column(texts, fill_column), texts)
         if match.key is not None and match.fill is not None and match.key != match.fill:
@@ -421,6 +421,9 @@ def _layout(book: python_calamine.CalamineWorkbook, name: str, header: _HeaderMa
     grid: Grid = [list(row) for row in calamine_sheet.to_python(skip_empty_area=False)]
     _spread_merged_fill(grid, calamine_sheet.merged_cell_ranges or [], fill_index)
 
+    headers = list(header.texts)
+    while headers and not headers[-1]:
+        headers.pop()
     rows: list[PlanRow] = []
     for index in range(header.index + 1, len(grid)):
         cells = grid[index]
@@ -429,7 +432,9 @@ def _layout(book: python_calamine.CalamineWorkbook, name: str, header: _HeaderMa
             continue
         fill = cell_text(cells[fill_index]) if fill_index < len(cells) else ""
         label = _label(cells[key_index + 1]) if key_index + 1 < len(cells) else ""
-        rows.append(PlanRow(key=key, row=index + 1, fill=fill, label=label))
+        values = tuple(cell_text(cell) for cell in cells[: len(headers)])
+        values += ("",) * (len(headers) - len(values))
+        rows.append(PlanRow(key=key, row=index + 1, fill=fill, label=label, values=values))
 
     key_header = header.texts[key_index]
     if not rows:
@@ -447,9 +452,6 @@ def _layout(book: python_calamine.CalamineWorkbook, name: str, header: _HeaderMa
             f"workbook {source} has duplicate keys in column {key_header!r} on sheet {name!r}: {listed}; "
             "every action needs its own code"
         )
-    headers = list(header.texts)
-    while headers and not headers[-1]:
-        headers.pop()
     return MasterLayout(
         sheet=name,
         header_row=header.index + 1,
@@ -909,6 +911,13 @@ class RequestWorkbookFactory:
 
 def _base_copy(data: bytes, layout: MasterLayout, note: str, placeholder: str, source: str) -> bytes:
     """Return the master with the fill column highlighted and the placeholder fingerprint embedded."""
+    # Imported here: openpyxl is only needed to make request copies, and
+    # importing it costs more than reading a returned workbook.
+    from openpyxl import load_workbook
+    from openpyxl.comments import Comment
+    from openpyxl.packaging.custom import StringProperty
+    from openpyxl.styles import Border, PatternFill, Protection, Side
+
     try:
         book = load_workbook(io.BytesIO(data))
     except Exception as exc:

@@ -38,3 +38,124 @@ def smtp_config(tmp_path: Path, host: str, port: int, **mail: Any) -> Config:
     data["store"] = str(tmp_path / "mailflow.db")
     tmp_path.mkdir(parents=True, exist_ok=True)
     return load_config(write_config(tmp_path, data))
+
+
+def fill_workbook(data: bytes, answers: dict[str, str], *, column: str = "Responsible") -> bytes:
+    """What a delegation does: open the copy it received, write answers in the fill column, save."""
+    import io
+
+    import openpyxl
+
+    from mailflow.workbook import find_column, normalize_header
+
+    book = openpyxl.load_workbook(io.BytesIO(data))
+    for sheet in book.worksheets:
+        if sheet.sheet_state != "visible":
+            continue
+        for row in sheet.iter_rows(min_row=1, max_row=30):
+            headers = [cell.value for cell in row]
+            key_index = find_column(headers, "Code")
+            fill_index = find_column(headers, column)
+            if key_index is None or fill_index is None:
+                continue
+            for cells in sheet.iter_rows(min_row=row[0].row + 1):
+                key = cells[key_index].value
+                if key is not None and normalize_header(key) and str(key) in answers:
+                    cells[fill_index].value = answers[str(key)]
+            out = io.BytesIO()
+            book.save(out)
+            return out.getvalue()
+    raise AssertionError("no header row found")
+
+
+def reply_to(
+    original: Any,
+    *,
+    sender: str,
+    body: str = "Estimados, adjuntamos el plan completado.\n",
+    attachments: list[tuple[str, bytes]] | None = None,
+    subject: str | None = None,
+    headers: dict[str, str] | None = None,
+    thread: bool = True,
+) -> bytes:
+    """A delegation's reply to one of our emails, as its mail client would send it."""
+    from datetime import UTC, datetime
+    from email.message import EmailMessage
+    from email.utils import format_datetime, make_msgid
+
+    message = EmailMessage()
+    message["From"] = f"Enlace <{sender}>"
+    message["To"] = "ts@example.org"
+    message["Subject"] = subject if subject is not None else f"RE: {original['Subject']}"
+    message["Date"] = format_datetime(datetime(2017, 10, 20, 16, 0, tzinfo=UTC))
+    message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2])
+    if thread:
+        original_id = str(original["Message-ID"]).strip()
+        message["In-Reply-To"] = original_id
+        message["References"] = original_id
+    for name, value in (headers or {}).items():
+        message[name] = value
+    message.set_content(body)
+    for filename, data in attachments or []:
+        message.add_attachment(
+            data,
+            maintype="application",
+            subtype="vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+            filename=filename,
+        )
+    return message.as_bytes()
+
+
+def workbook_of(message: Any) -> tuple[str, bytes]:
+    """The workbook attached to one of our emails."""
+    for part in message.iter_attachments():
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes) and str(part.get_filename()).endswith(".xlsx"):
+            return str(part.get_filename()), payload
+    raise AssertionError("no workbook attached")
+
+
+def bounce_of(original: Any, recipient: str, status: str = "5.1.1", action: str = "failed") -> bytes:
+    """A Postfix-style delivery status notification (RFC 3464) for one of our emails."""
+    original_id = str(original["Message-ID"]).strip()
+    boundary = "dsn-boundary-42"
+    lines = [
+        "Return-Path: <>",
+        "From: MAILER-DAEMON@mx.example.org (Mail Delivery System)",
+        "To: ts@example.org",
+        "Subject: Undelivered Mail Returned to Sender",
+        "Date: Fri, 20 Oct 2017 16:00:00 +0000",
+        "Message-ID: <20171020160000.DSN@mx.example.org>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=us-ascii",
+        "",
+        "This is the mail system at host mx.example.org.",
+        "I'm sorry to have to inform you that your message could not be delivered.",
+        "",
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "",
+        "Reporting-MTA: dns; mx.example.org",
+        "",
+        f"Final-Recipient: rfc822; {recipient}",
+        f"Original-Recipient: rfc822;{recipient}",
+        f"Action: {action}",
+        f"Status: {status}",
+        f"Diagnostic-Code: smtp; 550 {status} <{recipient}>: Recipient address rejected: User unknown",
+        "",
+        f"--{boundary}",
+        "Content-Type: text/rfc822-headers",
+        "",
+        "From: ts@example.org",
+        f"To: {recipient}",
+        f"Subject: {original['Subject']}",
+        f"Message-ID: {original_id}",
+        "",
+        f"--{boundary}--",
+        "",
+    ]
+    return "\r\n".join(lines).encode("utf-8")

@@ -17,30 +17,36 @@ Nothing here imports mailflow: the rig tests mailflow, never the reverse.
 from __future__ import annotations
 
 import atexit
+import base64
+import binascii
 import contextlib
 import ctypes
 import email.policy
 import grp
+import json
 import os
 import pwd
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 from imapclient import IMAPClient
 
 __all__ = [
@@ -48,6 +54,7 @@ __all__ = [
     "DovecotNotInstalledError",
     "DovecotServer",
     "ImapAccount",
+    "OAuth2IntrospectionServer",
     "ReceivedMessage",
     "RigError",
     "SmtpServer",
@@ -151,6 +158,8 @@ class _Recorder:
     """
 
     require_auth: bool = False
+    #: XOAUTH2 logins and the one bearer token each is accepted with.
+    oauth2_tokens: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     messages: list[ReceivedMessage] = field(default_factory=list)
     faults: list[_Fault] = field(default_factory=list)
@@ -193,14 +202,14 @@ class _Recorder:
         if reply is not None:
             return reply
         data = envelope.original_content or b""
-        auth = session.auth_data
+        login = getattr(session.auth_data, "login", None)  # LoginPassword or _BearerLogin
         received = ReceivedMessage(
             mail_from=envelope.mail_from or "",
             rcpt_tos=list(envelope.rcpt_tos),
             data=data,
             message=_parse(data),
             received_at=time.time(),
-            auth_login=auth.login.decode("utf-8", "replace") if isinstance(auth, LoginPassword) else None,
+            auth_login=login.decode("utf-8", "replace") if isinstance(login, bytes) else None,
         )
         with self.lock:
             self.messages.append(received)
@@ -214,6 +223,56 @@ class _Recorder:
             server.transport.close()
         return "250 OK"
 
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        """SASL XOAUTH2 as Gmail and Microsoft 365 speak it (aiosmtpd calls ``auth_<MECHANISM>`` hooks)."""
+        if len(args) > 1:
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        else:
+            answer = await server.challenge_auth("")
+            if answer is MISSING:
+                return AuthResult(success=False, handled=True)
+            assert isinstance(answer, bytes)
+            blob = answer
+        user, token = _parse_xoauth2(blob)
+        with self.lock:
+            expected = self.oauth2_tokens.get(user)
+        if user and token and expected == token:
+            return AuthResult(success=True, auth_data=_BearerLogin(user.encode()))
+        # Like Gmail: the error as a JSON challenge, answered by an empty line, then 535.
+        error = json.dumps({"status": "401", "schemes": "bearer", "scope": "https://mail.rig.test/"})
+        if await server.challenge_auth(error) is MISSING:
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False)
+
+
+@dataclass(frozen=True)
+class _BearerLogin:
+    """What an XOAUTH2 login leaves in ``session.auth_data``."""
+
+    login: bytes
+
+
+def _parse_xoauth2(blob: bytes) -> tuple[str, str]:
+    """``user=U^Aauth=Bearer T^A^A`` -> (U, T); empty strings for what is missing."""
+    user = token = ""
+    for part in blob.decode("utf-8", "replace").split("\x01"):
+        if part.startswith("user="):
+            user = part[len("user=") :]
+        elif part.lower().startswith("auth=bearer "):
+            token = part[len("auth=bearer ") :].strip()
+    return user, token
+
+
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server-side TLS context presenting `cert` (PEM, with its chain) and `key`."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
 
 def _parse(data: bytes) -> EmailMessage:
     message = BytesParser(policy=email.policy.default).parsebytes(data.replace(b"\r\n", b"\n"))
@@ -226,15 +285,35 @@ class SmtpServer:
 
     `auth` maps logins to passwords; when given, the server offers AUTH PLAIN
     and LOGIN without TLS (loopback only) and requires a login before MAIL,
-    like a submission server. Use as a context manager or call `start()` and
-    `stop()`; `restart()` comes back on the same port.
+    like a submission server. `oauth2_tokens` maps logins to the bearer token
+    each may log in with by AUTH XOAUTH2 (and also requires a login).
+
+    `tls` is a (certificate, key) pair of PEM files: the server then offers
+    STARTTLS, or, with `implicit_tls`, speaks TLS from the first byte (port
+    465 style). Use as a context manager or call `start()` and `stop()`;
+    `restart()` comes back on the same port.
     """
 
-    def __init__(self, *, auth: Mapping[str, str] | None = None, host: str = LOOPBACK, port: int | None = None):
+    def __init__(
+        self,
+        *,
+        auth: Mapping[str, str] | None = None,
+        host: str = LOOPBACK,
+        port: int | None = None,
+        tls: tuple[Path, Path] | None = None,
+        implicit_tls: bool = False,
+        oauth2_tokens: Mapping[str, str] | None = None,
+    ):
+        if implicit_tls and tls is None:
+            raise ValueError("implicit_tls needs tls=(certificate, key)")
         self.host = host
         self.port = port if port is not None else free_port(host)
         self._auth = dict(auth) if auth is not None else None
-        self._recorder = _Recorder(require_auth=auth is not None)
+        self._tls = tls
+        self._implicit_tls = implicit_tls
+        self._recorder = _Recorder(
+            require_auth=auth is not None or oauth2_tokens is not None, oauth2_tokens=dict(oauth2_tokens or {})
+        )
         self._controller: Controller | None = None
 
     # lifecycle
@@ -245,9 +324,14 @@ class SmtpServer:
             raise RigError(f"SMTP server on port {self.port} is already running")
         options: dict[str, Any] = {}
         if self._auth is not None:
+            options.update(authenticator=self._authenticate)
+        if self._recorder.require_auth:
             # Not auth_required=True: without TLS, aiosmtpd warns on every
             # connection; the recorder refuses MAIL before AUTH instead.
-            options.update(authenticator=self._authenticate, auth_require_tls=False)
+            options.update(auth_require_tls=False)
+        if self._tls is not None:
+            context = server_tls_context(*self._tls)
+            options.update(ssl_context=context) if self._implicit_tls else options.update(tls_context=context)
         # A controller's event loop is closed by stop(), so every start needs a new one.
         controller = Controller(
             self._recorder,
@@ -366,6 +450,104 @@ class SmtpServer:
         return f"<SmtpServer {self.host}:{self.port} {state}, {len(self.messages)} message(s)>"
 
 
+# --------------------------------------------------------------------------- OAuth2
+
+
+class OAuth2IntrospectionServer:
+    """A loopback OAuth2 token-introspection endpoint (RFC 7662) for Dovecot's oauth2 passdb.
+
+    `tokens` maps each valid bearer token to the login it belongs to. Dovecot
+    POSTs ``token=...``; the answer is ``{"active": true, "username": ...}``
+    for a known token and ``{"active": false}`` otherwise. The token is also
+    read from the query string or an ``Authorization: Bearer`` header, so the
+    other introspection modes work too. `requests` lists the tokens asked about.
+    """
+
+    def __init__(self, tokens: Mapping[str, str], *, host: str = LOOPBACK):
+        self.host = host
+        self.tokens = dict(tokens)
+        self._lock = threading.Lock()
+        self._requests: list[str] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RigError("the introspection server is not running")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/introspect"
+
+    @property
+    def requests(self) -> list[str]:
+        with self._lock:
+            return list(self._requests)
+
+    def _answer(self, token: str) -> dict[str, Any]:
+        with self._lock:
+            self._requests.append(token)
+            user = self.tokens.get(token)
+        return {"active": True, "username": user} if user else {"active": False}
+
+    def start(self) -> None:
+        if self._server is not None:
+            raise RigError("the introspection server is already running")
+        rig = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self, body: bytes) -> None:
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+                bearer = self.headers.get("Authorization", "")
+                token = (form.get("token") or query.get("token") or [""])[0]
+                if not token and bearer.lower().startswith("bearer "):
+                    token = bearer[len("bearer ") :].strip()
+                payload = json.dumps(rig._answer(token)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_POST(self) -> None:
+                self._reply(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+            def do_GET(self) -> None:
+                self._reply(b"")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None  # keep pytest's output clean
+
+        server = ThreadingHTTPServer((self.host, 0), Handler)
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.05,), name="oauth2-introspection", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(DEFAULT_TIMEOUT)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
 # --------------------------------------------------------------------------- Dovecot
 
 #: The configuration of /work/shared/reference/dovecot-loopback.conf, plus
@@ -379,9 +561,9 @@ state_dir = {root}/state
 log_path = {root}/dovecot.log
 protocols = imap
 listen = {host}
-ssl = no
+{ssl}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{oauth2_mechanisms}
 auth_failure_delay = 0
 login_greeting = {greeting}
 default_login_user = dovenull
@@ -391,7 +573,7 @@ mail_location = maildir:{root}/mail/%u
 mail_uid = mail
 mail_gid = mail
 first_valid_uid = 8
-passdb {{
+{oauth2_passdb}passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root}/users
 }}
@@ -418,9 +600,35 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = {host}
+    port = {tls_port}
   }}
 }}
+{extra}"""
+
+#: With `tls`: TLS on the imap port (STARTTLS) and on the imaps port.
+_DOVECOT_SSL = """\
+ssl = yes
+ssl_cert = <{cert}
+ssl_key = <{key}"""
+
+#: With `oauth2_introspection_url`: XOAUTH2 and OAUTHBEARER logins, the
+#: token checked by POSTing it to the URL (RFC 7662 token introspection).
+#: First, so a token is never tried as a password of the passdbs below.
+_DOVECOT_OAUTH2_PASSDB = """\
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {root}/dovecot-oauth2.conf.ext
+}}
+"""
+
+_DOVECOT_OAUTH2_CONF = """\
+introspection_mode = post
+introspection_url = {url}
+username_attribute = username
+active_attribute = active
+active_value = true
 """
 
 #: How long stop() lets the master exit by itself once its children are gone.
@@ -503,9 +711,25 @@ class DovecotServer:
     launches Dovecot in the foreground as a child of the test process, so it
     is always reaped, and `stop()` terminates it. `restart()` keeps the port
     and the mail.
+
+    `tls` is a (certificate, key) pair of PEM files: Dovecot then offers
+    STARTTLS on `port` and implicit TLS on `tls_port`. With
+    `oauth2_introspection_url` (see `OAuth2IntrospectionServer`), logins by
+    XOAUTH2 and OAUTHBEARER are checked against that endpoint. `extra_config`
+    is appended to dovecot.conf as is (e.g. ``imap_capability = ...``).
     """
 
-    def __init__(self, root: Path, users: Mapping[str, str], *, host: str = LOOPBACK, port: int | None = None):
+    def __init__(
+        self,
+        root: Path,
+        users: Mapping[str, str],
+        *,
+        host: str = LOOPBACK,
+        port: int | None = None,
+        tls: tuple[Path, Path] | None = None,
+        oauth2_introspection_url: str | None = None,
+        extra_config: str = "",
+    ):
         self.binary = find_dovecot()
         if os.geteuid() != 0:
             raise RigError("the Dovecot test server must run as root (it switches to the 'mail' user)")
@@ -514,6 +738,10 @@ class DovecotServer:
         self._explicit_port = port is not None
         self.port = port if port is not None else free_port(host)
         self._passwords = dict(users)
+        self.tls = (Path(tls[0]).resolve(), Path(tls[1]).resolve()) if tls is not None else None
+        self._tls_port = free_port(host) if tls is not None else None
+        self.oauth2_introspection_url = oauth2_introspection_url
+        self.extra_config = extra_config
         self._token = uuid.uuid4().hex[:12]
         self._process: subprocess.Popen[bytes] | None = None
         self._prepare()
@@ -527,6 +755,13 @@ class DovecotServer:
     @property
     def log_path(self) -> Path:
         return self.root / "dovecot.log"
+
+    @property
+    def tls_port(self) -> int:
+        """The implicit-TLS (imaps) port; only with `tls`."""
+        if self._tls_port is None:
+            raise RigError("this Dovecot was made without tls=(cert, key): it has no imaps port")
+        return self._tls_port
 
     def _prepare(self) -> None:
         for user, password in self._passwords.items():
@@ -548,11 +783,22 @@ class DovecotServer:
         self._write_config()
 
     def _write_config(self) -> None:
+        ssl = _DOVECOT_SSL.format(cert=self.tls[0], key=self.tls[1]) if self.tls is not None else "ssl = no"
+        oauth2 = self.oauth2_introspection_url is not None
+        if oauth2:
+            (self.root / "dovecot-oauth2.conf.ext").write_text(
+                _DOVECOT_OAUTH2_CONF.format(url=self.oauth2_introspection_url)
+            )
         self.config_path.write_text(
             _DOVECOT_CONF.format(
                 root=self.root,
                 host=self.host,
                 port=self.port,
+                tls_port=self._tls_port or 0,
+                ssl=ssl,
+                oauth2_mechanisms=" xoauth2 oauthbearer" if oauth2 else "",
+                oauth2_passdb=_DOVECOT_OAUTH2_PASSDB.format(root=self.root) if oauth2 else "",
+                extra=self.extra_config + "\n" if self.extra_config else "",
                 greeting=self._greeting,
                 fresh_prefix=FRESH_PREFIX,
                 fresh_password=FRESH_PASSWORD,
@@ -593,6 +839,8 @@ class DovecotServer:
                 if attempt + 1 == attempts or "Address already in use" not in self._log_tail():
                     raise
                 self.port = free_port(self.host)
+                if self._tls_port is not None:
+                    self._tls_port = free_port(self.host)
                 self._write_config()
 
     def _launch(self, timeout: float) -> None:

@@ -46,7 +46,7 @@ def test_a_template_error_is_recorded_and_the_others_still_go_out(tmp_path: Path
     clock = FixedClock(OPENS)
     with Store.open(config.store) as store:
         engine = Engine(config, store, LocalTransport(config.mail.local.outbox), clock)
-        report = engine.tick(OPENS)
+        report = engine.tick()
         assert len(report.sent) == 10 and len(report.compose_errors) == 1
         status = {d.id: d for d in engine.status(OPENS)[0].delegations}
         assert status["GT"].state is DelegationState.NOT_SENT
@@ -57,7 +57,7 @@ def test_a_template_error_is_recorded_and_the_others_still_go_out(tmp_path: Path
         (overrides / "request.txt.j2").unlink()
         engine.renderer = type(engine.renderer)(config.templates)
         clock.set(OPENS + timedelta(minutes=6))
-        assert len(engine.tick(clock.now()).sent) == 1
+        assert len(engine.tick().sent) == 1
     assert ("GT", "request") in outbox_kinds(tmp_path) and len(outbox_kinds(tmp_path)) == 11
 
 
@@ -66,7 +66,7 @@ def test_a_complete_delegation_gets_no_more_reminders(tmp_path: Path) -> None:
     clock = FixedClock(OPENS)
     with Store.open(config.store) as store:
         engine = Engine(config, store, LocalTransport(config.mail.local.outbox), clock)
-        engine.tick(OPENS)
+        engine.tick()
         with store.transaction():
             store.set_state(
                 "responsible-2017",
@@ -83,7 +83,7 @@ def test_a_complete_delegation_gets_no_more_reminders(tmp_path: Path) -> None:
         while moment < datetime(2017, 11, 2, tzinfo=UTC):
             moment += timedelta(hours=1)
             clock.set(moment)
-            engine.tick(moment)
+            engine.tick()
         status = {d.id: d for d in engine.status(moment)[0].delegations}
         assert status["HN"].next_reminder_at is None and status["HN"].overdue is False
         assert status["GT"].overdue is True
@@ -97,10 +97,10 @@ def test_downtime_sends_only_the_latest_missed_reminder_and_records_the_others(t
     clock = FixedClock(OPENS)
     with Store.open(config.store) as store:
         engine = Engine(config, store, LocalTransport(config.mail.local.outbox), clock)
-        engine.tick(OPENS)
+        engine.tick()
         back = datetime(2017, 10, 25, 18, 0, tzinfo=UTC)  # down from the 18th to Wednesday 25
         clock.set(back)
-        report = engine.tick(back)
+        report = engine.tick()
         assert len(report.sent) == 11 and report.skipped == 11 * 2
         rows = store.outbox(campaign="responsible-2017", delegation="HN")
         assert [(r.slot, r.status) for r in rows] == [
@@ -118,7 +118,7 @@ def test_the_rate_cap_spaces_the_emails(tmp_path: Path) -> None:
     clock = FixedClock(OPENS)
     with Store.open(config.store) as store:
         engine = Engine(config, store, LocalTransport(config.mail.local.outbox), clock)
-        engine.tick(OPENS)
+        engine.tick()
         times = sorted(row.sent_at for row in store.outbox() if row.sent_at is not None)
     assert len(times) == 11
     gaps = {(b - a).total_seconds() for a, b in itertools.pairwise(times)}
@@ -130,7 +130,7 @@ def test_each_delegation_gets_its_own_fingerprinted_copy(tmp_path: Path) -> None
 
     config = local_config(tmp_path)
     with Store.open(config.store) as store:
-        Engine(config, store, LocalTransport(config.mail.local.outbox), FixedClock(OPENS)).tick(OPENS)
+        Engine(config, store, LocalTransport(config.mail.local.outbox), FixedClock(OPENS)).tick()
         secret = store.secret()
     seen = {}
     for message in mailbox.Maildir(tmp_path / "outbox", create=False):

@@ -16,6 +16,9 @@ import pytest
 from mailflow.errors import TemplateError
 from mailflow.render import (
     BUILTIN_TEMPLATES,
+    CAMPAIGN_KINDS,
+    FOLLOW_UP_CONTEXT_KEYS,
+    FOLLOW_UP_KINDS,
     KINDS_WITH_TEMPLATES,
     MISSING_LIST_LIMIT,
     REFERENCE_RE,
@@ -23,10 +26,12 @@ from mailflow.render import (
     RenderedEmail,
     Renderer,
     build_message,
+    example_context,
     format_date,
     format_datetime,
     make_message_id,
     parse_subject_reference,
+    reply_subject_line,
     subject_reference,
     timezone_label,
 )
@@ -67,8 +72,33 @@ def sample_context(
         "days_left": days_left,
         "days_overdue": days_overdue,
     }
+    if kind in FOLLOW_UP_KINDS:  # what the engine adds when it answers a delegation's message
+        context.update(
+            {
+                "reply_subject": f"RE: {TITLES[language]} — {name} {context['reference']}",
+                "received_at_text": format_datetime(
+                    datetime(2017, 10, 21, 16, 15, tzinfo=UTC), ZoneInfo("America/Tegucigalpa"), language
+                ),
+                "recorded": recorded_items(2, first_line=5),
+                "changed_outside": [],
+                "unreadable": [],
+                "deadline_passed": False,
+            }
+        )
     context.update(overrides)
     return context
+
+
+def recorded_items(count: int, *, first_line: int = 1) -> list[dict[str, str]]:
+    """``count`` recorded answers, keys ``{first_line}.1`` onwards, five per line."""
+    return [
+        {
+            "key": f"{first_line + i // 5}.{1 + i % 5}",
+            "label": f"Acción número {i + 1}",
+            "value": f"Institución {i + 1}",
+        }
+        for i in range(count)
+    ]
 
 
 @pytest.fixture
@@ -516,3 +546,388 @@ def test_build_message_refuses_a_naive_date_and_no_recipients() -> None:
         _message(date=datetime(2017, 10, 18, 10, 0))
     with pytest.raises(TemplateError, match="To"):
         _message(to=[])
+
+
+# --------------------------------------------------------------------------
+# Follow-ups: receipt, missing, unreadable
+# --------------------------------------------------------------------------
+
+FOLLOW_UP_TEXT = {
+    "es": {
+        "more": "y {n} más",
+        "changed": "fuera de la columna «Responsible»",
+        "not_applied": "no se ha aplicado",
+        "review": "Secretaría Técnica",
+        "asap": "a la mayor brevedad posible",
+        "body_lines": "código: institución",
+        "no_reminders": "no les enviaremos más recordatorios",
+        "xlsx": "formato Excel (.xlsx)",
+        "no_password": "sin contraseña",
+    },
+    "en": {
+        "more": "and {n} more",
+        "changed": 'outside the "Responsible" column',
+        "not_applied": "has not been applied",
+        "review": "Technical Secretariat",
+        "asap": "as soon as possible",
+        "body_lines": "code: institution",
+        "no_reminders": "no further reminders",
+        "xlsx": "Excel format (.xlsx)",
+        "no_password": "without a password",
+    },
+}
+
+
+def _plain(html: str) -> str:
+    """The HTML part with tags dropped and typographic quotes made straight, for phrase checks."""
+    return re.sub(r"<[^>]+>", "", html).replace("“", '"').replace("”", '"')
+
+
+def test_follow_up_kinds_are_registered() -> None:
+    assert FOLLOW_UP_KINDS == ("receipt", "missing", "unreadable")
+    assert set(KINDS_WITH_TEMPLATES) == set(CAMPAIGN_KINDS) | set(FOLLOW_UP_KINDS)
+    for language in LANGUAGES:
+        for kind in FOLLOW_UP_KINDS:
+            context = example_context(kind, language)
+            assert set(FOLLOW_UP_CONTEXT_KEYS) <= context.keys()
+            for part in ("subject", "txt", "html"):
+                suffix = "subject.j2" if part == "subject" else f"{part}.j2"
+                assert (BUILTIN_TEMPLATES / language / f"{kind}.{suffix}").is_file()
+        assert not set(FOLLOW_UP_CONTEXT_KEYS) & example_context("request", language).keys()
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("kind", FOLLOW_UP_KINDS)
+def test_follow_up_renders_from_the_example_context(renderer: Renderer, kind: str, language: str) -> None:
+    context = example_context(kind, language)
+    rendered = renderer.render(kind, language, context)
+    assert rendered.language == language
+    assert rendered.subject == "RE: Strategic Plan 2017-2022 — Honduras [Ref. responsible-2017/HN]"
+    assert parse_subject_reference(rendered.subject) == ("responsible-2017", "HN")
+    greeting = "Estimados/as funcionarios/as de enlace de Honduras" if language == "es" else "Dear liaison officers"
+    for body in (rendered.text, rendered.html):
+        assert greeting in body
+        assert context["received_at_text"] in body
+        assert context["timezone_label"] in body
+        assert "Technical Secretariat of the RCM" in body
+        assert f"{context['filled']} " in body
+        assert str(context["total"]) in body
+    if kind != "receipt":
+        for body in (rendered.text, rendered.html):
+            assert context["deadline_text"] in body  # by when, written out
+            assert context["attachment_name"] in body
+        assert FOLLOW_UP_TEXT[language]["body_lines"] in rendered.text
+    assert rendered.html.lstrip().startswith("<!DOCTYPE html>")
+    assert f'lang="{language}"' in rendered.html
+    assert "http://" not in rendered.html and "https://" not in rendered.html
+
+
+def test_received_at_is_written_in_the_readers_time_zone() -> None:
+    assert example_context("receipt", "es")["received_at_text"] == "sábado 21 de octubre de 2017, 10:15"
+    assert example_context("missing", "en")["received_at_text"] == "Saturday, 21 October 2017, 10:15"
+
+
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        ("Plan Estratégico — Honduras", "Re: Plan Estratégico — Honduras"),
+        ("RE: Plan Estratégico — Honduras [Ref. responsible-2017/HN]", "RE: Plan Estratégico — Honduras"),
+        ("Re: Plan", "Re: Plan"),
+        ("RV: Plan", "RV: Plan"),
+        ("Fwd: Plan", "Fwd: Plan"),
+        ("FW: RE: Plan", "FW: RE: Plan"),
+        ("Re[2]: Plan", "Re[2]: Plan"),
+        ("AW: Plan", "AW: Plan"),
+        ("Respuesta del Ministerio", "Re: Respuesta del Ministerio"),  # a word starting like a prefix
+        ("[Ref. responsible-2017/HN] adjunto el archivo", "Re: adjunto el archivo"),
+        ("RE: [Ref. responsible-2017/GT] Plan [ref: responsible-2017/HN]", "RE: Plan"),
+        ("Plan\r\nBcc: x@evil\x00", "Re: Plan Bcc: x@evil"),
+        ("  Plan   con\tespacios ", "Re: Plan con espacios"),
+        ("", "Re: Plan — Honduras"),
+        ("RE: [Ref. responsible-2017/HN]", "Re: Plan — Honduras"),
+        ("RE: FW:  ", "Re: Plan — Honduras"),
+    ],
+)
+def test_reply_subject_line(subject: str, expected: str) -> None:
+    assert reply_subject_line(subject, "Plan — Honduras") == expected
+
+
+def test_reply_subject_line_cuts_a_very_long_subject() -> None:
+    line = reply_subject_line("x" * 5000)
+    assert line.startswith("Re: xxx") and line.endswith("…")
+    assert len(line) < 220
+    assert reply_subject_line(None, "Plan") == "Re: Plan"
+
+
+@pytest.mark.parametrize("kind", FOLLOW_UP_KINDS)
+@pytest.mark.parametrize(
+    ("reply_subject", "expected"),
+    [
+        ("Plan Estratégico — Honduras", "Re: Plan Estratégico — Honduras [Ref. responsible-2017/HN]"),
+        ("RE: RV: Plan [Ref. responsible-2017/HN] adjunto", "RE: RV: Plan adjunto [Ref. responsible-2017/HN]"),
+        ("Fwd: Plan [Ref. responsible-2017/GT]", "Fwd: Plan [Ref. responsible-2017/HN]"),
+        ("Plan\r\nBcc: x@evil", "Re: Plan Bcc: x@evil [Ref. responsible-2017/HN]"),
+        ("", f"Re: {TITLES['es']} — Honduras [Ref. responsible-2017/HN]"),
+    ],
+)
+def test_follow_up_subject_answers_their_subject(
+    renderer: Renderer, kind: str, reply_subject: str, expected: str
+) -> None:
+    rendered = renderer.render(kind, "es", sample_context(kind, "es", reply_subject=reply_subject))
+    assert rendered.subject == expected
+    assert rendered.subject.count("[Ref.") == 1
+    assert parse_subject_reference(rendered.subject) == ("responsible-2017", "HN")
+
+
+def test_follow_up_subject_still_refuses_a_line_break_from_the_config(renderer: Renderer) -> None:
+    context = sample_context("receipt", "en", name="Honduras\r\nBcc: x@evil", reply_subject="")
+    with pytest.raises(TemplateError, match=r"en/receipt\.subject\.j2.*Subject"):
+        renderer.render("receipt", "en", context)
+
+
+def test_an_override_subject_without_the_reference_gets_it_appended(tmp_path: Path) -> None:
+    (tmp_path / "en").mkdir()
+    (tmp_path / "en" / "missing.subject.j2").write_text("{{ reply_subject|re_subject }}", encoding="utf-8")
+    rendered = Renderer(override_dir=tmp_path).render(
+        "missing", "en", sample_context("missing", "en", reply_subject="Plan")
+    )
+    assert rendered.subject == "Re: Plan [Ref. responsible-2017/HN]"
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_receipt_confirms_and_lists_what_was_recorded(renderer: Renderer, language: str) -> None:
+    recorded = recorded_items(MISSING_LIST_LIMIT + 25)
+    context = sample_context("receipt", language, missing_count=0, recorded=recorded)
+    rendered = renderer.render("receipt", language, context)
+    listed = re.findall(r"^  - (\S+): (.*)$", rendered.text, flags=re.MULTILINE)
+    assert listed == [(item["key"], item["value"]) for item in recorded[:MISSING_LIST_LIMIT]]
+    more = FOLLOW_UP_TEXT[language]["more"].format(n=25)
+    assert more in rendered.text and more in rendered.html
+    assert str(len(recorded)) in rendered.text  # the full count is still stated
+    assert ("40 de 40" if language == "es" else "40 of 40") in rendered.text
+    assert FOLLOW_UP_TEXT[language]["no_reminders"] in rendered.text
+    assert FOLLOW_UP_TEXT[language]["no_reminders"] in rendered.html
+    assert "Institución 15" in rendered.html and "Institución 16" not in rendered.html
+    assert context["deadline_text"] in rendered.text  # received within the deadline
+
+
+def test_receipt_after_the_deadline_does_not_dwell_on_it(renderer: Renderer) -> None:
+    context = sample_context("receipt", "en", missing_count=0, deadline_passed=True, days_overdue=3)
+    rendered = renderer.render("receipt", "en", context)
+    assert context["deadline_text"] not in rendered.text
+    assert "deadline" not in rendered.text and "late" not in rendered.text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_missing_lists_what_is_still_needed_with_the_action_text(renderer: Renderer, language: str) -> None:
+    count = MISSING_LIST_LIMIT + 7
+    context = sample_context("missing", language, missing_count=count, recorded=recorded_items(3, first_line=7))
+    rendered = renderer.render("missing", language, context)
+    listed = re.findall(r"^  - (\S+): (.*)$", rendered.text, flags=re.MULTILINE)
+    assert listed == [(item["key"], item["label"]) for item in context["missing"][:MISSING_LIST_LIMIT]]
+    more = FOLLOW_UP_TEXT[language]["more"].format(n=7)
+    assert more in rendered.text and more in rendered.html
+    assert str(count) in rendered.text
+    assert ("18 de las 40" if language == "es" else "18 of the 40") in rendered.text
+    # What this message brought, briefly: its keys, not a second list.
+    assert "(7.1, 7.2, 7.3)" in rendered.text and "(7.1, 7.2, 7.3)" in rendered.html
+    assert "Institución 1" not in rendered.text
+    # By when, and how to send the rest.
+    deadline = f"{'a más tardar el' if language == 'es' else 'by'} {context['deadline_text']}"
+    assert deadline in rendered.text
+    assert deadline in re.sub(r"</?strong>", "", rendered.html)
+    assert context["timezone_label"] in rendered.text
+    assert FOLLOW_UP_TEXT[language]["body_lines"] in rendered.text
+    assert context["attachment_name"] in rendered.text
+    assert "  1.1: " in rendered.text  # an example line in the "code: institution" form
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_missing_after_the_deadline_asks_for_it_as_soon_as_possible(renderer: Renderer, language: str) -> None:
+    context = sample_context("missing", language, deadline_passed=True, days_overdue=2)
+    rendered = renderer.render("missing", language, context)
+    assert FOLLOW_UP_TEXT[language]["asap"] in rendered.text
+    assert FOLLOW_UP_TEXT[language]["asap"] in rendered.html
+    assert context["deadline_text"] not in rendered.text
+
+
+def test_missing_with_many_recorded_keys_caps_them(renderer: Renderer) -> None:
+    context = sample_context("missing", "en", recorded=recorded_items(MISSING_LIST_LIMIT + 4, first_line=10))
+    rendered = renderer.render("missing", "en", context)
+    assert "(10.1, 10.2, 10.3, 10.4, 10.5, 11.1" in rendered.text
+    assert "12.5 and 4 more)" in rendered.text
+    assert "13.1" not in rendered.text
+
+
+def test_missing_says_one_action_in_the_singular(renderer: Renderer) -> None:
+    context = sample_context("missing", "es", missing_count=1, recorded=recorded_items(1, first_line=9))
+    rendered = renderer.render("missing", "es", context)
+    assert "la respuesta de 1 acción (9.1)" in rendered.text
+    assert "de la siguiente acción:" in rendered.text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_unreadable_lists_each_file_with_its_reason_and_what_to_send(renderer: Renderer, language: str) -> None:
+    files = [
+        {"filename": "Plan estratégico - Honduras.xlsx", "reason": "el archivo está protegido con contraseña"},
+        {"filename": "respuesta.xlsx", "reason": "the file is damaged and cannot be opened"},
+    ]
+    context = sample_context("unreadable", language, unreadable=files, recorded=[])
+    rendered = renderer.render("unreadable", language, context)
+    for item in files:
+        for body in (rendered.text, rendered.html):
+            assert item["filename"] in body
+            assert item["reason"] in body  # written by the code, kept as is whatever the language
+    open_quote, close_quote = ("«", "»") if language == "es" else ('"', '"')
+    assert f"  - {open_quote}respuesta.xlsx{close_quote}: the file is damaged and cannot be opened\n" in rendered.text
+    for body in (rendered.text, _plain(rendered.html)):
+        assert FOLLOW_UP_TEXT[language]["xlsx"] in body
+        assert FOLLOW_UP_TEXT[language]["no_password"] in body
+        assert FOLLOW_UP_TEXT[language]["body_lines"] in body
+        assert context["deadline_text"] in body
+        assert context["timezone_label"] in body
+    # What is still needed: the 37 already recorded are acknowledged, the 3 missing listed.
+    assert ("37 de las 40" if language == "es" else "37 of the 40") in rendered.text
+    for key in ("1.1", "1.2", "1.3"):
+        assert f"  - {key}: " in rendered.text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_unreadable_with_nothing_recorded_yet_and_no_file(renderer: Renderer, language: str) -> None:
+    context = sample_context(
+        "unreadable", language, missing_count=40, recorded=[], unreadable=[], deadline_passed=True, days_overdue=1
+    )
+    rendered = renderer.render("unreadable", language, context)
+    assert ("ninguna de las 40" if language == "es" else "any of the 40") in rendered.text
+    assert "  - 1.1: " not in rendered.text  # "each of them", not 40 lines
+    assert FOLLOW_UP_TEXT[language]["asap"] in rendered.text
+    assert ("no encontramos" if language == "es" else "could not find") in rendered.text
+
+
+@pytest.mark.parametrize("kind", ("receipt", "missing"))
+def test_a_failed_attachment_beside_a_good_one_is_mentioned(renderer: Renderer, kind: str) -> None:
+    files = [{"filename": "copia.xlsx", "reason": "the file is password-protected"}]
+    context = sample_context(kind, "en", missing_count=0 if kind == "receipt" else 3, unreadable=files)
+    rendered = renderer.render(kind, "en", context)
+    assert '  - "copia.xlsx": the file is password-protected' in rendered.text
+    assert "<strong>copia.xlsx</strong>: the file is password-protected" in rendered.html
+    without = renderer.render(kind, "en", sample_context(kind, "en", missing_count=0 if kind == "receipt" else 3))
+    assert "unable to read" not in without.text and "unable to read" not in without.html
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("kind", FOLLOW_UP_KINDS)
+def test_changes_outside_the_column_are_mentioned_only_when_there_are_some(
+    renderer: Renderer, kind: str, language: str
+) -> None:
+    phrases = FOLLOW_UP_TEXT[language]
+    quiet = renderer.render(kind, language, sample_context(kind, language, changed_outside=[]))
+    for body in (quiet.text, _plain(quiet.html)):
+        assert phrases["changed"] not in body
+        assert phrases["not_applied"] not in body
+    changes = [
+        {"key": "2.3", "column": "Indicador", "before": "Número de protocolos", "after": "Protocolos adoptados"},
+        {"key": "4.1", "column": "Plazo", "before": "2018", "after": ""},
+    ]
+    noted = renderer.render(kind, language, sample_context(kind, language, changed_outside=changes))
+    for body in (noted.text, _plain(noted.html)):
+        assert phrases["changed"] in body
+        assert phrases["review"] in body
+        assert "Indicador" in body and "Número de protocolos" in body and "Protocolos adoptados" in body
+    not_applied = "no se han aplicado" if language == "es" else "have not been applied"
+    assert not_applied in noted.text
+    single = renderer.render(kind, language, sample_context(kind, language, changed_outside=changes[:1]))
+    assert phrases["not_applied"] in single.text
+
+
+def test_changed_outside_list_is_capped(renderer: Renderer) -> None:
+    changes = [
+        {"key": f"{n}.1", "column": "Plazo", "before": "2018", "after": "2019"} for n in range(MISSING_LIST_LIMIT + 3)
+    ]
+    rendered = renderer.render(
+        "receipt", "es", sample_context("receipt", "es", missing_count=0, changed_outside=changes)
+    )
+    assert len(re.findall(r"^  - \d+\.1, columna «Plazo»", rendered.text, flags=re.MULTILINE)) == MISSING_LIST_LIMIT
+    assert "y 3 más" in rendered.text and "y 3 más" in rendered.html
+
+
+@pytest.mark.parametrize("kind", FOLLOW_UP_KINDS)
+def test_follow_up_values_are_escaped_in_html_and_raw_in_text(renderer: Renderer, kind: str) -> None:
+    institution = "Dirección <b>General</b> de Migración & Extranjería"
+    escaped = "Dirección &lt;b&gt;General&lt;/b&gt; de Migración &amp; Extranjería"
+    context = sample_context(
+        kind,
+        "es",
+        missing_count=0 if kind == "receipt" else 2,
+        recorded=[{"key": "1.1", "label": "Niñas <i>y</i> niños", "value": institution}],
+        changed_outside=[{"key": "1.2", "column": "Indicador <x>", "before": "a & b", "after": "<b>c</b>"}],
+        unreadable=[{"filename": "<plan>.xlsx", "reason": "el archivo <no> se abre & falla"}],
+    )
+    rendered = renderer.render(kind, "es", context)
+    assert "<b>" not in rendered.html and "<i>" not in rendered.html and "<x>" not in rendered.html
+    assert "Indicador &lt;x&gt;" in rendered.html and "«a &amp; b»" in rendered.html
+    assert "&lt;plan&gt;.xlsx" in rendered.html and "el archivo &lt;no&gt; se abre &amp; falla" in rendered.html
+    assert "«<b>c</b>»" in rendered.text and "<plan>.xlsx" in rendered.text
+    if kind == "receipt":
+        assert escaped in rendered.html
+        assert "Niñas &lt;i&gt;y&lt;/i&gt; niños" in rendered.html
+        assert f"  - 1.1: {institution}\n" in rendered.text
+
+
+def test_follow_up_values_spanning_lines_are_listed_on_one(renderer: Renderer) -> None:
+    context = sample_context(
+        "receipt",
+        "en",
+        missing_count=0,
+        recorded=[{"key": "1.1", "label": "Action", "value": "Ministry of\nForeign   Affairs"}],
+        unreadable=[{"filename": "a\nb.xlsx", "reason": "the file is\npassword-protected"}],
+    )
+    rendered = renderer.render("receipt", "en", context)
+    assert "  - 1.1: Ministry of Foreign Affairs\n" in rendered.text
+    assert '  - "a b.xlsx": the file is password-protected\n' in rendered.text
+
+
+def test_follow_up_missing_a_key_names_it(renderer: Renderer) -> None:
+    context = sample_context("missing", "en")
+    del context["received_at_text"]
+    with pytest.raises(TemplateError, match=r"en/missing\.txt\.j2: 'received_at_text' is undefined"):
+        renderer.render("missing", "en", context)
+    context = sample_context("receipt", "es")
+    del context["reply_subject"]
+    with pytest.raises(TemplateError, match=r"es/receipt\.subject\.j2: 'reply_subject' is undefined"):
+        renderer.render("receipt", "es", context)
+
+
+def test_check_finds_a_broken_follow_up_override(tmp_path: Path) -> None:
+    (tmp_path / "es").mkdir()
+    broken = tmp_path / "es" / "receipt.txt.j2"
+    broken.write_text("Estimados/as {{ delegation.name }}:\n{% for item in recorded %}\n", encoding="utf-8")
+    problems = Renderer(override_dir=tmp_path).check()
+    assert len(problems) == 1
+    assert "es/receipt.txt.j2" in problems[0] and str(broken) in problems[0]
+    assert "syntax error" in problems[0]
+
+
+def test_check_renders_every_branch_of_a_follow_up(tmp_path: Path) -> None:
+    (tmp_path / "en").mkdir()
+    # The misspelt name is only reached when the deadline has passed: the example alone would not find it.
+    (tmp_path / "en" / "missing.txt.j2").write_text(
+        "{% if deadline_passed %}{{ deadline_txt }}{% else %}{{ deadline_text }}{% endif %}\n", encoding="utf-8"
+    )
+    (tmp_path / "en" / "unreadable.html.j2").write_text(
+        "{% for item in unreadable %}{{ item.filename }} {{ item.reasons }}{% endfor %}", encoding="utf-8"
+    )
+    problems = Renderer(override_dir=tmp_path).check()
+    assert len(problems) == 2, problems
+    assert any("en/missing.txt.j2" in p and "'deadline_txt' is undefined" in p for p in problems)
+    assert any("en/unreadable.html.j2" in p and "reasons" in p for p in problems)
+
+
+def test_check_knows_the_follow_up_names(tmp_path: Path) -> None:
+    (tmp_path / "es").mkdir()
+    (tmp_path / "es" / "receipt.subject.j2").write_text("Acuse de recibo {{ reference }}", encoding="utf-8")
+    (tmp_path / "es" / "reciept.txt.j2").write_text("hola", encoding="utf-8")
+    problems = Renderer(override_dir=tmp_path).check()
+    assert len(problems) == 1
+    assert "es/reciept.txt.j2" in problems[0] and "not a known template" in problems[0]
+    assert "receipt.txt.j2" in problems[0]  # listed among the expected names

@@ -1,0 +1,730 @@
+"""Received mail: attribute each message, read what it brings, record it, plan the follow-up.
+
+:meth:`Intake.analyse` decides (no writes: ``inspect`` uses it as a dry run);
+:meth:`Intake.record` writes one message's outcome in one transaction (the
+message row, its attachments, the answers, the state change, the follow-up
+email), which is what makes a message processed; :meth:`Intake.read_inbox`
+walks a mailbox, one message at a time, so one bad message never stops the
+others, and moves what was processed once the store has it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from mailflow import inbound
+from mailflow.config import Campaign, Config, Delegation
+from mailflow.errors import MailflowError
+from mailflow.mailbox import Fetched, Mailbox, MailboxError
+from mailflow.render import make_message_id, parse_subject_reference
+from mailflow.returns import (
+    STATUS_IGNORED,
+    STATUS_PARSED,
+    STATUS_REJECTED,
+    STATUS_UNREADABLE,
+    ReturnLimits,
+    ReturnReading,
+    read_return,
+    sniff_format,
+)
+from mailflow.store import DelegationState, InboundRow, OutboxStatus, Store
+from mailflow.workbook import MasterLayout, read_fingerprint, verify_fingerprint
+
+if TYPE_CHECKING:
+    from mailflow.engine import Engine
+
+log = logging.getLogger("mailflow")
+
+RECEIPT = "receipt"
+MISSING = "missing"
+UNREADABLE = "unreadable"
+FOLLOW_UP_KINDS = (RECEIPT, MISSING, UNREADABLE)
+
+# What became of a received message.
+APPLIED = "applied"  # a reply whose answers (if any) were recorded and answered
+HELD = "held"  # a reply from an untrusted sender, kept for the Secretariat's review
+AUTO_REPLY = "auto_reply"
+BOUNCE = "bounce"
+UNRELATED = "unrelated"  # not about any campaign: left in the inbox, remembered
+DUPLICATE = "duplicate"  # the same message seen again (e.g. after a UIDVALIDITY change)
+TOO_LARGE = "too_large"
+FAILED = "failed"  # processing raised: kept with the reason, for an operator to re-run
+MOVABLE = frozenset({APPLIED, HELD, AUTO_REPLY, BOUNCE})
+
+NO_WORKBOOK_REASON = {
+    "es": "no encontramos un libro de Excel adjunto ni respuestas en el texto del mensaje",
+    "en": "we found no workbook attached and no answers in the text of the message",
+}
+
+
+@dataclass(frozen=True)
+class AttachmentResult:
+    """One attachment and what reading it gave."""
+
+    attachment: inbound.Attachment
+    status: str
+    reason: str | None
+    sha256: str
+    reading: ReturnReading | None = None
+    duplicate_of: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        reading = self.reading
+        return {
+            "filename": self.attachment.filename,
+            "status": self.status,
+            "reason": self.reason,
+            "filled": dict(reading.answers) if reading else {},
+            "missing": list(reading.missing) if reading else [],
+            "added": [c.key for c in reading.added] if reading else [],
+            "deleted": [c.key for c in reading.deleted] if reading else [],
+            "changed": [
+                {"key": c.key, "column": c.column, "before": c.before, "after": c.after} for c in reading.changed
+            ]
+            if reading
+            else [],
+            "sha256": self.sha256,
+            "duplicate": self.duplicate_of is not None,
+        }
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything mailflow concludes about one received message, before writing anything."""
+
+    raw_sha256: str
+    message: inbound.Message
+    kind: str
+    campaign: Campaign | None
+    delegation: Delegation | None
+    evidence: str
+    trusted: bool | None
+    outcome: str
+    reason: str | None
+    attachments: tuple[AttachmentResult, ...] = ()
+    body_answers: Mapping[str, str] = field(default_factory=dict)
+    answers: Mapping[str, str] = field(default_factory=dict)  # what this message would record
+    follow_up: str | None = None
+    follow_up_reason: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The contract's ``inspect --json`` shape, with a few extra keys."""
+        return {
+            "kind": self.kind,
+            "delegation": self.delegation.id if self.delegation else None,
+            "campaign": self.campaign.id if self.campaign else None,
+            "sender_trusted": self.trusted,
+            "attachments": [a.as_json() for a in self.attachments],
+            "evidence": self.evidence or None,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "from": self.message.from_address,
+            "subject": self.message.subject,
+            "message_id": self.message.message_id,
+            "authentication": self.message.auth.summary or None,
+            "body_answers": dict(self.body_answers),
+            "answers": dict(self.answers),
+            "failures": [
+                {"recipient": f.recipient, "status": f.status, "permanent": f.permanent, "diagnostic": f.diagnostic}
+                for f in self.message.failures
+            ],
+            "follow_up": self.follow_up,
+            "problems": list(self.message.problems),
+        }
+
+
+@dataclass
+class IntakeReport:
+    """What one read of the inbox did."""
+
+    read: int = 0
+    recorded: list[int] = field(default_factory=list)
+    by_outcome: dict[str, int] = field(default_factory=dict)
+    moved: int = 0
+    failed: int = 0
+    error: str | None = None
+
+
+WORKBOOK_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods")
+
+
+def looks_like_workbook(data: bytes, filename: str) -> bool:
+    """For ``inspect``: a bare workbook rather than an email."""
+    name = filename.lower()
+    if name.endswith((".eml", ".msg", ".txt", ".mbox")):
+        return False
+    return name.endswith(WORKBOOK_SUFFIXES) or sniff_format(data, filename) != "unknown"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Intake:
+    """Turns received messages into records and follow-ups for one engine (config, store, clock)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.config: Config = engine.config
+        self.store: Store = engine.store
+        limits = self.config.inbound
+        self.message_limits = inbound.Limits(
+            max_message_bytes=limits.max_message_bytes, max_attachment_bytes=limits.max_attachment_bytes
+        )
+        self.return_limits = ReturnLimits(
+            max_file_bytes=limits.max_attachment_bytes,
+            max_uncompressed_bytes=limits.max_uncompressed_bytes,
+            max_compression_ratio=limits.max_compression_ratio,
+        )
+        self._contacts: dict[str, str] = {
+            address.lower(): d.id for d in self.config.delegations for address in d.contacts
+        }
+
+    # -- deciding -----------------------------------------------------------
+
+    def analyse(self, raw: bytes, *, campaign_hint: str | None = None) -> Analysis:
+        """What this message is, who sent it about what, and what it would record. Writes nothing."""
+        message = inbound.parse_message(raw, self.message_limits)
+        digest = sha256(raw)
+        campaign, delegation, evidence = self._attribute(message, campaign_hint)
+        if campaign is None or delegation is None:
+            return Analysis(
+                digest,
+                message,
+                inbound.KIND_UNRELATED,
+                None,
+                None,
+                "",
+                None,
+                UNRELATED,
+                "not about any campaign: left in the inbox for a person",
+            )
+        trusted = self._trusted(message, delegation)
+        if message.kind == inbound.KIND_BOUNCE:
+            failed = ", ".join(f"{f.recipient} {f.status}" for f in message.failures) or "no recipient named"
+            return Analysis(
+                digest,
+                message,
+                inbound.KIND_BOUNCE,
+                campaign,
+                delegation,
+                evidence,
+                trusted,
+                BOUNCE,
+                f"delivery failure: {failed}",
+            )
+        if message.kind == inbound.KIND_AUTO_REPLY:
+            return Analysis(
+                digest,
+                message,
+                inbound.KIND_AUTO_REPLY,
+                campaign,
+                delegation,
+                evidence,
+                trusted,
+                AUTO_REPLY,
+                message.kind_reason,
+            )
+        layout = self.engine.layout(campaign)
+        results = tuple(self._read_attachments(message, campaign, delegation, layout))
+        parsed = [r.reading for r in results if r.reading is not None and r.status == STATUS_PARSED]
+        answers: dict[str, str] = {}
+        for reading in parsed:
+            answers.update(reading.answers)
+        # Answers in the body count only when no workbook could be read.
+        body = {} if parsed else inbound.body_answers(message.body_text, layout.keys)
+        answers.update(body)
+        if not trusted and not self.config.inbound.accept_untrusted:
+            why = self._distrust_reason(message, delegation)
+            return Analysis(
+                digest,
+                message,
+                inbound.KIND_REPLY,
+                campaign,
+                delegation,
+                evidence,
+                trusted,
+                HELD,
+                f"held for review: {why}",
+                results,
+                body,
+                answers,
+            )
+        follow_up, follow_reason = self._follow_up(campaign, delegation, results, answers, layout)
+        return Analysis(
+            digest,
+            message,
+            inbound.KIND_REPLY,
+            campaign,
+            delegation,
+            evidence,
+            trusted,
+            APPLIED,
+            None,
+            results,
+            body,
+            answers,
+            follow_up,
+            follow_reason,
+        )
+
+    def analyse_workbook(self, data: bytes, filename: str, campaign_hint: str | None = None) -> dict[str, Any]:
+        """``inspect`` of a bare workbook: whose it is (by its fingerprint) and what it answers."""
+        fingerprint = read_fingerprint(data)
+        campaign: Campaign | None = None
+        delegation: Delegation | None = None
+        evidence = ""
+        if fingerprint is not None and verify_fingerprint(fingerprint, self.engine.secret):
+            found = self._pair(fingerprint.campaign, fingerprint.delegation)
+            if found:
+                campaign, delegation = found
+                evidence = "workbook fingerprint"
+        if campaign is None:
+            candidates = [c for c in self.config.campaigns if campaign_hint in (None, c.id)]
+            if len(candidates) != 1:
+                known = ", ".join(c.id for c in self.config.campaigns)
+                raise MailflowError(
+                    f"{filename} carries no fingerprint of ours: name the campaign with --campaign ({known})"
+                )
+            campaign = candidates[0]
+        layout = self.engine.layout(campaign)
+        reading = read_return(data, filename, layout, campaign.key_column, campaign.fill_column, self.return_limits)
+        attachment = inbound.Attachment(
+            filename=filename,
+            content_type="application/octet-stream",
+            data=data,
+            size=len(data),
+            too_large=False,
+            path="1",
+            is_workbook=True,
+        )
+        result = AttachmentResult(attachment, reading.status, reading.reason, sha256(data), reading)
+        return {
+            "kind": inbound.KIND_REPLY,
+            "delegation": delegation.id if delegation else None,
+            "campaign": campaign.id,
+            "sender_trusted": None,
+            "attachments": [result.as_json()],
+            "evidence": evidence or None,
+        }
+
+    def _attribute(
+        self, message: inbound.Message, campaign_hint: str | None
+    ) -> tuple[Campaign | None, Delegation | None, str]:
+        """Campaign and delegation, in the order of evidence of the issue: thread, subject, fingerprint, sender."""
+        if message.kind == inbound.KIND_BOUNCE:
+            thread = [m for m in (message.original_message_id, *message.original_references) if m]
+        else:
+            thread = [*message.in_reply_to, *message.references]
+        if thread:
+            sent = self.store.sent_message_ids(thread)
+            for message_id in thread:
+                if message_id in sent:
+                    found = self._pair(*sent[message_id])
+                    if found:
+                        return found[0], found[1], f"in reply to {message_id}"
+        reference = parse_subject_reference(message.subject)
+        if reference is not None:
+            ref, delegation_id = reference
+            for campaign in self.config.campaigns:
+                if campaign.ref == ref and delegation_id in campaign.delegations:
+                    return campaign, self.config.delegation(delegation_id), "reference in the subject"
+        for attachment in message.attachments:
+            if not attachment.is_workbook or not attachment.data:
+                continue
+            fingerprint = read_fingerprint(attachment.data)
+            if fingerprint is not None and verify_fingerprint(fingerprint, self.engine.secret):
+                found = self._pair(fingerprint.campaign, fingerprint.delegation)
+                if found:
+                    return found[0], found[1], f"workbook fingerprint in {attachment.filename}"
+        addresses: list[str] = []
+        if message.kind == inbound.KIND_BOUNCE:
+            addresses = [f.recipient for f in message.failures] + list(message.original_recipients)
+        elif message.from_address:
+            addresses = [message.from_address]
+        for address in addresses:
+            owner = self._contacts.get(address.lower())
+            if owner is None:
+                continue
+            chosen = self._campaign_for(owner, campaign_hint)
+            if chosen is not None:
+                return chosen, self.config.delegation(owner), f"sender address {address}"
+        return None, None, ""
+
+    def _pair(self, campaign_id: str, delegation_id: str) -> tuple[Campaign, Delegation] | None:
+        try:
+            campaign = self.config.campaign(campaign_id)
+            delegation = self.config.delegation(delegation_id)
+        except KeyError:
+            return None
+        return (campaign, delegation) if delegation_id in campaign.delegations else None
+
+    def _campaign_for(self, delegation_id: str, hint: str | None) -> Campaign | None:
+        candidates = [c for c in self.config.campaigns if delegation_id in c.delegations]
+        if hint:
+            candidates = [c for c in candidates if c.id == hint] or candidates
+        if len(candidates) == 1:
+            return candidates[0]
+        latest = self.store.latest_request_campaign(delegation_id)
+        return next((c for c in candidates if c.id == latest), None)
+
+    def _trusted(self, message: inbound.Message, delegation: Delegation) -> bool:
+        listed = {a.lower() for a in delegation.contacts}
+        return bool(message.from_address) and message.from_address in listed and not message.auth.failing
+
+    def _distrust_reason(self, message: inbound.Message, delegation: Delegation) -> str:
+        if not message.from_address:
+            return "the sender address is missing"
+        if message.from_address not in {a.lower() for a in delegation.contacts}:
+            return f"{message.from_address} is not a listed contact of {delegation.name}"
+        return f"the receiving server reports failing authentication ({', '.join(message.auth.failing)})"
+
+    def _read_attachments(
+        self, message: inbound.Message, campaign: Campaign, delegation: Delegation, layout: MasterLayout
+    ) -> Iterable[AttachmentResult]:
+        for attachment in message.attachments:
+            digest = sha256(attachment.data)
+            if not attachment.is_workbook:
+                yield AttachmentResult(attachment, STATUS_IGNORED, "not a workbook", digest)
+                continue
+            if attachment.too_large:
+                limit = self.config.inbound.max_attachment_bytes // (1024 * 1024)
+                yield AttachmentResult(
+                    attachment,
+                    STATUS_REJECTED,
+                    f"the file is larger than {limit} MB; please send a smaller file",
+                    digest,
+                )
+                continue
+            reading = read_return(
+                attachment.data,
+                attachment.filename,
+                layout,
+                campaign.key_column,
+                campaign.fill_column,
+                self.return_limits,
+            )
+            duplicate = self.store.attachment_seen(campaign.id, delegation.id, digest)
+            yield AttachmentResult(attachment, reading.status, reading.reason, digest, reading, duplicate)
+
+    def _follow_up(
+        self,
+        campaign: Campaign,
+        delegation: Delegation,
+        results: Sequence[AttachmentResult],
+        answers: Mapping[str, str],
+        layout: MasterLayout,
+    ) -> tuple[str, str | None]:
+        current = dict(self.store.current_answers(campaign.id, delegation.id).get(delegation.id, {}))
+        current.update(answers)
+        if all(current.get(key) for key in layout.keys):
+            return RECEIPT, None
+        if answers or any(r.status == STATUS_PARSED for r in results):
+            return MISSING, None
+        failed = [r for r in results if r.status in (STATUS_UNREADABLE, STATUS_REJECTED)]
+        if failed:
+            return UNREADABLE, "; ".join(f"{r.attachment.filename}: {r.reason}" for r in failed)
+        return UNREADABLE, NO_WORKBOOK_REASON[delegation.language]
+
+    # -- recording ----------------------------------------------------------
+
+    def record(self, analysis: Analysis, *, folder: str, uidvalidity: int, uid: int, raw: bytes, now: datetime) -> int:
+        """Write one message's outcome, its answers, the state change and the follow-up, in one transaction."""
+        message = analysis.message
+        campaign, delegation = analysis.campaign, analysis.delegation
+        with self.store.transaction():
+            inbound_id = self.store.add_inbound(
+                folder=folder,
+                uidvalidity=uidvalidity,
+                uid=uid,
+                message_id=message.message_id,
+                sha256=analysis.raw_sha256,
+                size=len(raw),
+                received_at=now,
+                from_address=message.from_address,
+                subject=message.subject,
+                kind=analysis.kind,
+                campaign=campaign.id if campaign else "",
+                delegation=delegation.id if delegation else "",
+                evidence=analysis.evidence,
+                trusted=analysis.trusted,
+                outcome=analysis.outcome,
+                reason=analysis.reason,
+                raw=raw,
+            )
+            self.store.record_event(
+                now,
+                f"received_{analysis.outcome}",
+                f"{analysis.kind} from {message.from_address or 'unknown sender'}: {message.subject[:120]}"
+                + (f" ({analysis.reason})" if analysis.reason else ""),
+                campaign=campaign.id if campaign else "",
+                delegation=delegation.id if delegation else "",
+                detail={"inbound_id": inbound_id, "evidence": analysis.evidence},
+            )
+            if campaign is None or delegation is None:
+                return inbound_id
+            attachment_ids = self._record_attachments(analysis, inbound_id)
+            if analysis.outcome == BOUNCE:
+                self._record_bounce(analysis, delegation, inbound_id, now)
+            elif analysis.outcome == APPLIED:
+                self._apply(analysis, campaign, delegation, inbound_id, attachment_ids, now)
+        return inbound_id
+
+    def _record_attachments(self, analysis: Analysis, inbound_id: int) -> dict[int, int]:
+        ids: dict[int, int] = {}
+        for index, result in enumerate(analysis.attachments):
+            ids[index] = self.store.add_attachment(
+                inbound_id,
+                filename=result.attachment.filename,
+                content_type=result.attachment.content_type,
+                sha256=result.sha256,
+                size=result.attachment.size,
+                status=result.status,
+                reason=result.reason,
+                filled=len(result.reading.answers) if result.reading else 0,
+                duplicate_of=result.duplicate_of,
+            )
+        return ids
+
+    def _record_bounce(self, analysis: Analysis, delegation: Delegation, inbound_id: int, now: datetime) -> None:
+        for failure in analysis.message.failures:
+            owner = self._contacts.get(failure.recipient, delegation.id)
+            if failure.permanent:
+                self.store.record_refusal(
+                    failure.recipient, owner, None, f"{failure.status} {failure.diagnostic}", now, None, source="bounce"
+                )
+                self.store.record_event(
+                    now,
+                    "contact_bouncing",
+                    f"{failure.recipient} bounced: {failure.status} {failure.diagnostic}",
+                    campaign=analysis.campaign.id if analysis.campaign else "",
+                    delegation=owner,
+                    detail={"address": failure.recipient, "status": failure.status, "inbound_id": inbound_id},
+                )
+            else:
+                self.store.record_event(
+                    now,
+                    "delivery_delayed",
+                    f"{failure.recipient} delayed: {failure.status} {failure.diagnostic}",
+                    campaign=analysis.campaign.id if analysis.campaign else "",
+                    delegation=owner,
+                    detail={"address": failure.recipient, "status": failure.status, "inbound_id": inbound_id},
+                )
+
+    def _apply(
+        self,
+        analysis: Analysis,
+        campaign: Campaign,
+        delegation: Delegation,
+        inbound_id: int,
+        attachment_ids: Mapping[int, int],
+        now: datetime,
+    ) -> None:
+        changed = 0
+        for index, result in enumerate(analysis.attachments):
+            reading = result.reading
+            if reading is None or result.status != STATUS_PARSED or result.duplicate_of is not None:
+                continue
+            for key, value in reading.answers.items():
+                changed += self.store.set_answer(
+                    campaign.id,
+                    delegation.id,
+                    key,
+                    value,
+                    source="workbook",
+                    inbound_id=inbound_id,
+                    attachment_id=attachment_ids[index],
+                    at=now,
+                )
+            for kind, changes in (("added", reading.added), ("deleted", reading.deleted), ("changed", reading.changed)):
+                for change in changes:
+                    self.store.add_row_change(
+                        campaign.id,
+                        delegation.id,
+                        inbound_id,
+                        key=change.key,
+                        change=kind,
+                        column=change.column,
+                        before=change.before,
+                        after=change.after,
+                        at=now,
+                    )
+        for key, value in analysis.body_answers.items():
+            changed += self.store.set_answer(
+                campaign.id, delegation.id, key, value, source="body", inbound_id=inbound_id, attachment_id=None, at=now
+            )
+        layout = self.engine.layout(campaign)
+        current = self.store.current_answers(campaign.id, delegation.id).get(delegation.id, {})
+        missing = [key for key in layout.keys if not current.get(key)]
+        filled = len(layout.keys) - len(missing)
+        state = (
+            DelegationState.COMPLETE if not missing else DelegationState.PARTIAL if filled else DelegationState.AWAITING
+        )
+        self.store.set_state(
+            campaign.id,
+            delegation.id,
+            state=state,
+            filled=filled,
+            total=len(layout.keys),
+            missing=missing,
+            at=now,
+            reason=f"reply received: {filled}/{len(layout.keys)} answered ({changed} recorded from it)",
+            last_reply_at=now,
+        )
+        if analysis.follow_up is not None:
+            slot = f"reply:{inbound_id}"
+            self.store.add_outbox(
+                campaign=campaign.id,
+                delegation=delegation.id,
+                kind=analysis.follow_up,
+                slot=slot,
+                message_id=make_message_id(self.config.secretariat.domain, campaign.id, delegation.id, slot),
+                status=OutboxStatus.PENDING,
+                scheduled_at=now,
+                created_at=now,
+                inbound_id=inbound_id,
+                reason=None,
+            )
+
+    # -- the mailbox ------------------------------------------------------------
+
+    def read_inbox(self, mailbox: Mailbox, now: datetime) -> IntakeReport:
+        """Process every message of the watched folder not yet accounted for; move what was processed."""
+        report = IntakeReport()
+        try:
+            session = mailbox.open()
+        except (MailboxError, MailflowError) as exc:
+            report.error = str(exc)
+            log.error("cannot read the inbox: %s", exc)
+            return report
+        try:
+            folder, validity = session.folder, session.uidvalidity
+            previous = self.store.mailbox_state(folder)
+            if previous is not None and previous[0] != validity:
+                log.warning(
+                    "UIDVALIDITY of %s changed (%s -> %s): messages are recognised again by Message-ID and content",
+                    folder,
+                    previous[0],
+                    validity,
+                )
+                with self.store.transaction():
+                    self.store.record_event(now, "uidvalidity_changed", f"{folder}: {previous[0]} -> {validity}")
+            known = self.store.known_uids(folder, validity)
+            # Recorded before but not moved (a crash, or the folder was missing): move them now.
+            to_move = [uid for uid, row in known.items() if not row.moved and row.outcome in MOVABLE]
+            new = [uid for uid in session.uids() if uid not in known]
+            for fetched in session.fetch(new, self.config.inbound.max_message_bytes):
+                report.read += 1
+                outcome, inbound_id = self._take(fetched, now)
+                report.recorded.append(inbound_id)
+                report.by_outcome[outcome] = report.by_outcome.get(outcome, 0) + 1
+                if outcome == FAILED:
+                    report.failed += 1
+                if outcome in MOVABLE or (outcome == DUPLICATE and self._original_moved(inbound_id)):
+                    to_move.append(fetched.uid)
+            if to_move:
+                report.moved = self._move(session, known, to_move, folder, validity)
+            with self.store.transaction():
+                self.store.set_mailbox_state(folder, validity, now)
+        except MailboxError as exc:
+            report.error = str(exc)
+            log.error("reading the inbox failed: %s", exc)
+        finally:
+            session.close()
+        return report
+
+    def _original_moved(self, inbound_id: int) -> bool:
+        row = self.store.inbound(inbound_id)
+        if row.duplicate_of is None:
+            return False
+        original = self.store.inbound(row.duplicate_of)
+        return original.outcome in MOVABLE
+
+    def _take(self, fetched: Fetched, now: datetime) -> tuple[str, int]:
+        """Account for one fetched message; never raises for the message's own faults."""
+        raw = fetched.raw
+        if not raw and fetched.size:
+            limit = self.config.inbound.max_message_bytes // (1024 * 1024)
+            reason = f"message of {fetched.size} bytes is over the {limit} MB limit; left in the inbox for a person"
+            return TOO_LARGE, self._record_plain(fetched, now, outcome=TOO_LARGE, reason=reason, keep_raw=False)
+        try:
+            digest = sha256(raw)
+            message_id = inbound.parse_message(raw, self.message_limits).message_id
+            seen = self.store.find_inbound(message_id, digest)
+            if seen is not None:
+                reason = f"already processed as message {seen.id}"
+                return DUPLICATE, self._record_plain(
+                    fetched, now, outcome=DUPLICATE, reason=reason, keep_raw=False, message_id=message_id, seen=seen
+                )
+            analysis = self.analyse(raw)
+            inbound_id = self.record(
+                analysis, folder=fetched.folder, uidvalidity=fetched.uidvalidity, uid=fetched.uid, raw=raw, now=now
+            )
+            log.info(
+                "received %s from %s (%s%s): %s",
+                analysis.kind,
+                analysis.message.from_address,
+                analysis.delegation.id if analysis.delegation else "no delegation",
+                f", {analysis.evidence}" if analysis.evidence else "",
+                analysis.outcome,
+            )
+            return analysis.outcome, inbound_id
+        except Exception as exc:
+            log.exception("cannot process message uid %s of %s", fetched.uid, fetched.folder)
+            reason = f"processing failed: {type(exc).__name__}: {exc}; kept for re-processing"
+            return FAILED, self._record_plain(fetched, now, outcome=FAILED, reason=reason, keep_raw=True)
+
+    def _record_plain(
+        self,
+        fetched: Fetched,
+        now: datetime,
+        *,
+        outcome: str,
+        reason: str,
+        keep_raw: bool,
+        message_id: str | None = None,
+        seen: InboundRow | None = None,
+    ) -> int:
+        """Account for a message that is not analysed: too large, seen before, or failing."""
+        with self.store.transaction():
+            inbound_id = self.store.add_inbound(
+                folder=fetched.folder,
+                uidvalidity=fetched.uidvalidity,
+                uid=fetched.uid,
+                message_id=message_id,
+                sha256=sha256(fetched.raw) if fetched.raw else "",
+                size=fetched.size or len(fetched.raw),
+                received_at=now,
+                from_address=seen.from_address if seen else None,
+                subject=seen.subject if seen else "",
+                kind=seen.kind if seen else inbound.KIND_UNRELATED,
+                campaign=seen.campaign if seen else "",
+                delegation=seen.delegation if seen else "",
+                evidence=seen.evidence if seen else "",
+                trusted=seen.trusted if seen else None,
+                outcome=outcome,
+                reason=reason,
+                raw=fetched.raw if keep_raw else None,
+                duplicate_of=seen.id if seen else None,
+            )
+            self.store.record_event(now, f"received_{outcome}", reason, detail={"inbound_id": inbound_id})
+        return inbound_id
+
+    def _move(self, session: Any, known: Mapping[int, Any], uids: Sequence[int], folder: str, validity: int) -> int:
+        target = self.config.mail.imap.processed_folder if self.config.mail.imap else "mailflow-processed"
+        try:
+            session.move(sorted(set(uids)), target)
+        except MailboxError as exc:
+            log.error("cannot move processed messages to %s (they stay recorded; retried next pass): %s", target, exc)
+            return 0
+        rows = self.store.known_uids(folder, validity)
+        with self.store.transaction():
+            for uid in uids:
+                if uid in rows:
+                    self.store.mark_moved(rows[uid].id)
+        return len(set(uids))

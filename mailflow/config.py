@@ -13,8 +13,8 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
 from datetime import date, datetime, time, timedelta
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -257,7 +257,7 @@ class Config:
 # --------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def zone(name: str) -> ZoneInfo:
     """A ZoneInfo by name, cached: zoneinfo's own cache keeps only a few zones, and a network has more."""
     return ZoneInfo(name)
@@ -623,7 +623,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
     """Validate YAML ``text`` as if read from ``path`` (relative paths resolve beside it)."""
     source = path.name
     try:
-        data = yaml.load(text, Loader=SAFE_LOADER)  # noqa: S506 - the safe loader (libyaml's when present)
+        data = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source

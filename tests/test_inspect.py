@@ -30,9 +30,9 @@ def inspect(capsys: pytest.CaptureFixture[str], config: Path, file: Path, *extra
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads(out)
-    assert isinstance(result, dict) and CONTRACT_KEYS <= result.keys()
+    assert isinstance(result, dict) and result.keys() >= CONTRACT_KEYS
     for attachment in result["attachments"]:
-        assert ATTACHMENT_KEYS <= attachment.keys()
+        assert attachment.keys() >= ATTACHMENT_KEYS
         assert attachment["status"] in ("parsed", "unreadable", "rejected", "ignored")
     return result
 

@@ -9,13 +9,16 @@ the :class:`Config` produced here.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from functools import cache, cached_property
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -616,7 +619,88 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read the configuration: {exc}"]) from None
-    return parse_config(text, path, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    cache = _ConfigCache(path, text, environ)
+    cached = cache.load()
+    if cached is not None:
+        return cached
+    started = perf_counter()
+    config = parse_config(text, path, environ)
+    if perf_counter() - started >= CACHE_WHEN_SLOWER_THAN_SECONDS:
+        cache.save(config)
+    return config
+
+
+CACHE_WHEN_SLOWER_THAN_SECONDS = 0.15
+
+
+class _ConfigCache:
+    """A validated configuration kept between runs, for configurations large enough to be slow to validate.
+
+    Keyed by the file's bytes, the environment variables it uses, mailflow's version and the files it
+    names (workbooks, template folder: path, size and modification time), so any change invalidates it.
+    Lives in ``$MAILFLOW_CACHE`` (``off`` disables it), else ``$XDG_CACHE_HOME/mailflow`` or ``~/.cache/mailflow``.
+    """
+
+    def __init__(self, path: Path, text: str, environ: Mapping[str, str]) -> None:
+        from mailflow import __version__
+
+        self.folder = _cache_folder(environ)
+        used = sorted(set(ENV_RE.findall(text)))
+        material = repr((__version__, str(path.resolve()), text, [(n, environ.get(n)) for n, _ in used]))
+        self.key = hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()
+        name = hashlib.sha256(str(path.resolve()).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        self.file = self.folder / f"{name}.pickle" if self.folder else None
+
+    def load(self) -> Config | None:
+        if self.file is None or not self.file.is_file():
+            return None
+        try:
+            with self.file.open("rb") as handle:
+                key, stamps, config = pickle.load(handle)
+        except Exception:
+            return None
+        if key != self.key or not isinstance(config, Config) or stamps != _stamps(config):
+            return None
+        return config
+
+    def save(self, config: Config) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            temporary = self.file.with_suffix(f".{os.getpid()}.tmp")
+            with temporary.open("wb") as handle:
+                pickle.dump((self.key, _stamps(config), config), handle, protocol=pickle.HIGHEST_PROTOCOL)
+            temporary.replace(self.file)
+        except OSError:
+            return
+
+
+def _cache_folder(environ: Mapping[str, str]) -> Path | None:
+    chosen = environ.get("MAILFLOW_CACHE")
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "off", "0", "no") else Path(chosen)
+    base = environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no home folder: no cache
+            return None
+    return Path(base) / "mailflow"
+
+
+def _stamps(config: Config) -> list[tuple[str, int, int]]:
+    """Size and modification time of every file the configuration names."""
+    paths = [c.workbook for c in config.campaigns] + ([config.templates] if config.templates else [])
+    out: list[tuple[str, int, int]] = []
+    for path in paths:
+        try:
+            info = path.stat()
+            out.append((str(path), info.st_size, info.st_mtime_ns))
+        except OSError:
+            out.append((str(path), -1, -1))
+    return out
 
 
 def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:

@@ -218,3 +218,38 @@ def test_spanish_header_names_match(tmp_path: Path) -> None:
     )
     config = parse_config(text, tmp_path / "mailflow.yaml", {})
     assert check_resources(config) == []
+
+
+def test_a_slow_to_validate_configuration_is_cached_until_anything_it_depends_on_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mailflow.config as config_module
+
+    monkeypatch.setattr(config_module, "CACHE_WHEN_SLOWER_THAN_SECONDS", 0.0)
+    shutil.copy(SAMPLE_PLAN, tmp_path / "plan.xlsx")
+    path = tmp_path / "mailflow.yaml"
+    path.write_text(minimal(Path("plan.xlsx")).replace("name: TS", "name: ${TS_NAME}"), encoding="utf-8")
+    environ = {"MAILFLOW_CACHE": str(tmp_path / "cache"), "TS_NAME": "Secretaría"}
+    first = load_config(path, environ)
+    [cached_file] = (tmp_path / "cache").iterdir()
+    calls: list[str] = []
+    real_parse = config_module.parse_config
+
+    def counting_parse(*args: object, **kwargs: object) -> object:
+        calls.append("parsed")
+        return real_parse(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(config_module, "parse_config", counting_parse)
+    assert load_config(path, environ) == first and calls == []
+    # A change of an environment variable it uses, of the file, or of the workbook: validated again.
+    assert load_config(path, {**environ, "TS_NAME": "Otra"}).secretariat.name == "Otra"
+    assert calls == ["parsed"]
+    (tmp_path / "plan.xlsx").write_bytes((tmp_path / "plan.xlsx").read_bytes() + b"")
+    import os
+
+    os.utime(tmp_path / "plan.xlsx", ns=(1, 1))
+    load_config(path, environ)
+    assert calls == ["parsed", "parsed"]
+    cached_file.write_bytes(b"garbage")
+    assert load_config(path, environ) == first
+    assert load_config(path, {**environ, "MAILFLOW_CACHE": "off"}) == first

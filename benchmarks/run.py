@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_send, bench_status  # noqa: E402
+from benchmarks import bench_bomb, bench_ingest, bench_returns, bench_send, bench_status  # noqa: E402
 from benchmarks.common import SERVER_MODES, say  # noqa: E402
 
 Benchmark = Callable[[argparse.Namespace], list[str]]
@@ -28,6 +28,9 @@ Benchmark = Callable[[argparse.Namespace], list[str]]
 BENCHMARKS: dict[str, Benchmark] = {
     "send": lambda args: bench_send.run(quick=args.quick, server=args.server),
     "status": lambda args: bench_status.run(quick=args.quick, profile=args.profile),
+    "returns": lambda args: bench_returns.run(quick=args.quick),
+    "ingest": lambda args: bench_ingest.run(quick=args.quick),
+    "bomb": lambda args: bench_bomb.run(quick=args.quick),
 }
 
 
@@ -36,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="benchmarks/run.py", description="mailflow's speed and memory figures, each beside its baseline."
     )
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    parser.add_argument("--only", choices=sorted(BENCHMARKS), metavar="NAME", help="run one benchmark: send | status")
+    parser.add_argument(
+        "--only", choices=sorted(BENCHMARKS), metavar="NAME", help="run one benchmark: " + " | ".join(BENCHMARKS)
+    )
     parser.add_argument(
         "--server",
         choices=SERVER_MODES,

@@ -14,6 +14,8 @@ A pass has three steps, each safe to interrupt:
 
 from __future__ import annotations
 
+import email
+import email.policy
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from mailflow.render import (
     FOLLOW_UP_KINDS,
     Attachment,
     Renderer,
-    build_message,
+    build_message_bytes,
     format_datetime,
     make_message_id,
     subject_reference,
@@ -54,6 +56,18 @@ log = logging.getLogger("mailflow")
 
 ATTACH_WORKBOOK = frozenset({*CAMPAIGN_KINDS, "missing", "unreadable"})
 DEFAULT_ATTACHMENT_NAMES = {"es": "{campaign} - {delegation}.xlsx", "en": "{campaign} - {delegation}.xlsx"}
+
+
+COMPOSE_BATCH = 100
+
+
+@dataclass(frozen=True)
+class Composed:
+    """An email ready to send: its bytes, and what the outbox records of it."""
+
+    raw: bytes
+    subject: str
+    recipients: list[str]
 
 
 @dataclass
@@ -143,6 +157,7 @@ class Engine:
         self._factories: dict[str, RequestWorkbookFactory] = {}
         self._secret: bytes | None = None
         self._intake: Intake | None = None
+        self._label_cache: dict[str, dict[str, str]] = {}
 
     # -- shared helpers ----------------------------------------------------
 
@@ -196,21 +211,23 @@ class Engine:
     def plan(self, now: datetime, report: TickReport | None = None) -> TickReport:
         """Record in the outbox every email that is due at ``now`` (and the slots it supersedes)."""
         report = report or TickReport()
-        for campaign in self.config.campaigns:
-            recorded = self.store.outbox_slots(campaign.id)
-            states = self.store.states(campaign.id)
-            request_sent = self.store.request_sent_at(campaign.id)
-            for delegation in self.config.campaign_delegations(campaign):
-                state = states.get(delegation.id)
-                decision = schedule.decide(
-                    schedule.slots(campaign, delegation),
-                    now=now,
-                    done=recorded.get(delegation.id, {}).keys(),
-                    complete=state is not None and state.state is DelegationState.COMPLETE,
-                    request_sent_at=request_sent.get(delegation.id),
-                )
-                if decision.due or decision.superseded:
-                    self._record_decision(campaign, delegation, decision, state, now, report)
+        # One transaction for the whole plan: nothing is sent here, so it is all or nothing, and fast.
+        with self.store.transaction():
+            for campaign in self.config.campaigns:
+                recorded = self.store.outbox_slots(campaign.id)
+                states = self.store.states(campaign.id)
+                request_sent = self.store.request_sent_at(campaign.id)
+                for delegation in self.config.campaign_delegations(campaign):
+                    state = states.get(delegation.id)
+                    decision = schedule.decide(
+                        schedule.slots(campaign, delegation),
+                        now=now,
+                        done=recorded.get(delegation.id, {}).keys(),
+                        complete=state is not None and state.state is DelegationState.COMPLETE,
+                        request_sent_at=request_sent.get(delegation.id),
+                    )
+                    if decision.due or decision.superseded:
+                        self._record_decision(campaign, delegation, decision, state, now, report)
         return report
 
     def _record_decision(
@@ -285,11 +302,12 @@ class Engine:
     def compose_pending(self, now: datetime, report: TickReport | None = None) -> TickReport:
         """Render every due outbox row that has no body yet; a failure is recorded and retried later."""
         report = report or TickReport()
+        composed: list[tuple[int, Composed]] = []
         for row in self.store.pending(now):
             if row.has_body:
                 continue
             try:
-                message = self.compose(
+                ready = self.compose_bytes(
                     row.campaign,
                     row.delegation,
                     row.kind,
@@ -314,11 +332,20 @@ class Engine:
                     )
                 report.compose_errors.append(row.id)
                 continue
-            with self.store.transaction():
-                self.store.set_body(
-                    row.id, message.as_bytes(), subject=str(message["Subject"]), recipients=_recipients(message)
-                )
+            composed.append((row.id, ready))
+            if len(composed) >= COMPOSE_BATCH:
+                self._store_bodies(composed)
+        self._store_bodies(composed)
         return report
+
+    def _store_bodies(self, composed: list[tuple[int, Composed]]) -> None:
+        """Store composed emails, a batch per transaction (nothing is sent yet, so a batch is safe)."""
+        if not composed:
+            return
+        with self.store.transaction():
+            for outbox_id, ready in composed:
+                self.store.set_body(outbox_id, ready.raw, subject=ready.subject, recipients=ready.recipients)
+        composed.clear()
 
     def send_pending(self, report: TickReport | None = None) -> TickReport:
         """Send every composed, due email over one connection, at most ``rate_per_minute``."""
@@ -407,18 +434,14 @@ class Engine:
             for address, (code, text) in refused.items():
                 self._refuse(row, address, code, text, now)
             if row.kind == schedule.REQUEST and row.campaign:
-                state = self.store.state(row.campaign, row.delegation)
-                if state is not None and state.state is DelegationState.NOT_SENT:
-                    self.store.set_state(
-                        row.campaign,
-                        row.delegation,
-                        state=DelegationState.AWAITING,
-                        filled=state.filled,
-                        total=state.total,
-                        missing=state.missing,
-                        at=now,
-                        reason="request sent",
-                    )
+                self.store.advance_state(
+                    row.campaign,
+                    row.delegation,
+                    DelegationState.NOT_SENT,
+                    DelegationState.AWAITING,
+                    now,
+                    "request sent",
+                )
         report.sent.append(row.id)
         log.info("sent %s to %s (%s)", row.kind, row.delegation or "secretariat", ", ".join(recipients))
 
@@ -483,20 +506,37 @@ class Engine:
         now: datetime,
         inbound_id: int | None = None,
     ) -> EmailMessage:
+        """:meth:`compose_bytes` as an ``EmailMessage`` (for previews)."""
+        raw = self.compose_bytes(
+            campaign_id, delegation_id, kind, scheduled_at, message_id, now, inbound_id=inbound_id
+        ).raw
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        return message
+
+    def compose_bytes(
+        self,
+        campaign_id: str,
+        delegation_id: str,
+        kind: str,
+        scheduled_at: datetime,
+        message_id: str,
+        now: datetime,
+        inbound_id: int | None = None,
+    ) -> Composed:
         """Render one email to a delegation: a campaign email or a follow-up to one of its messages."""
         if kind not in CAMPAIGN_KINDS and kind not in FOLLOW_UP_KINDS:
             known = ", ".join((*CAMPAIGN_KINDS, *FOLLOW_UP_KINDS))
             raise UsageError(f"unknown email kind {kind!r}; expected one of {known}")
         campaign = self.config.campaign(campaign_id)
         delegation = self.config.delegation(delegation_id)
-        layout = self.layout(campaign)
         state = self.store.state(campaign.id, delegation.id)
         if state is None:
             total, missing_keys = self._initial_state(campaign)
             filled = 0
         else:
             total, missing_keys, filled = state.total, state.missing, state.filled
-        labels = {row.key: row.label for row in layout.rows}
+        labels = self._labels(campaign)
         local_day = scheduled_at.astimezone(delegation.tz).date()
         language = delegation.language
         secretariat = self.config.secretariat
@@ -534,17 +574,25 @@ class Engine:
         if kind in ATTACH_WORKBOOK:
             workbook = self._factory(campaign).build(make_fingerprint(self.secret, campaign.id, delegation.id))
             attachments.append(Attachment(attachment_name, workbook))
-        return build_message(
+        recipients = list(delegation.contacts)
+        raw = build_message_bytes(
             rendered=rendered,
             from_name=secretariat.name,
             from_address=secretariat.address,
-            to=list(delegation.contacts),
+            to=recipients,
             reply_to=secretariat.address,
             message_id=message_id,
             date=now,
             headers=headers,
             attachments=attachments,
         )
+        return Composed(raw, rendered.subject, recipients)
+
+    def _labels(self, campaign: Campaign) -> Mapping[str, str]:
+        """Each row's label (its action text), by key: built once per campaign."""
+        if campaign.id not in self._label_cache:
+            self._label_cache[campaign.id] = {row.key: row.label for row in self.layout(campaign).rows}
+        return self._label_cache[campaign.id]
 
     def _follow_up_context(
         self, inbound_id: int, delegation: Delegation, labels: Mapping[str, str], now: datetime, campaign: Campaign
@@ -686,12 +734,6 @@ class Engine:
                 )
             out.append(CampaignStatus(campaign.id, campaign.title, tuple(rows)))
         return out
-
-
-def _recipients(message: EmailMessage) -> list[str]:
-    from email.utils import getaddresses
-
-    return [address for _, address in getaddresses(message.get_all("To", []))]
 
 
 def _describe(exc: BaseException) -> str:

@@ -187,9 +187,13 @@ class Intake:
 
     # -- deciding -----------------------------------------------------------
 
-    def analyse(self, raw: bytes, *, campaign_hint: str | None = None) -> Analysis:
-        """What this message is, who sent it about what, and what it would record. Writes nothing."""
-        message = inbound.parse_message(raw, self.message_limits)
+    def analyse(
+        self, raw: bytes, *, campaign_hint: str | None = None, message: inbound.Message | None = None
+    ) -> Analysis:
+        """What this message is, who sent it about what, and what it would record. Writes nothing.
+
+        ``message`` is ``raw`` already parsed, when the caller has it."""
+        message = message or inbound.parse_message(raw, self.message_limits)
         digest = sha256(raw)
         campaign, delegation, evidence = self._attribute(message, campaign_hint)
         if campaign is None or delegation is None:
@@ -530,17 +534,15 @@ class Intake:
             reading = result.reading
             if reading is None or result.status != STATUS_PARSED or result.duplicate_of is not None:
                 continue
-            for key, value in reading.answers.items():
-                changed += self.store.set_answer(
-                    campaign.id,
-                    delegation.id,
-                    key,
-                    value,
-                    source="workbook",
-                    inbound_id=inbound_id,
-                    attachment_id=attachment_ids[index],
-                    at=now,
-                )
+            changed += self.store.set_answers(
+                campaign.id,
+                delegation.id,
+                reading.answers,
+                source="workbook",
+                inbound_id=inbound_id,
+                attachment_id=attachment_ids[index],
+                at=now,
+            )
             for kind, changes in (("added", reading.added), ("deleted", reading.deleted), ("changed", reading.changed)):
                 for change in changes:
                     self.store.add_row_change(
@@ -554,10 +556,15 @@ class Intake:
                         after=change.after,
                         at=now,
                     )
-        for key, value in analysis.body_answers.items():
-            changed += self.store.set_answer(
-                campaign.id, delegation.id, key, value, source="body", inbound_id=inbound_id, attachment_id=None, at=now
-            )
+        changed += self.store.set_answers(
+            campaign.id,
+            delegation.id,
+            analysis.body_answers,
+            source="body",
+            inbound_id=inbound_id,
+            attachment_id=None,
+            at=now,
+        )
         layout = self.engine.layout(campaign)
         current = self.store.current_answers(campaign.id, delegation.id).get(delegation.id, {})
         missing = [key for key in layout.keys if not current.get(key)]
@@ -654,14 +661,15 @@ class Intake:
             return TOO_LARGE, self._record_plain(fetched, now, outcome=TOO_LARGE, reason=reason, keep_raw=False)
         try:
             digest = sha256(raw)
-            message_id = inbound.parse_message(raw, self.message_limits).message_id
+            message = inbound.parse_message(raw, self.message_limits)
+            message_id = message.message_id
             seen = self.store.find_inbound(message_id, digest)
             if seen is not None:
                 reason = f"already processed as message {seen.id}"
                 return DUPLICATE, self._record_plain(
                     fetched, now, outcome=DUPLICATE, reason=reason, keep_raw=False, message_id=message_id, seen=seen
                 )
-            analysis = self.analyse(raw)
+            analysis = self.analyse(raw, message=message)
             inbound_id = self.record(
                 analysis, folder=fetched.folder, uidvalidity=fetched.uidvalidity, uid=fetched.uid, raw=raw, now=now
             )

@@ -1,4 +1,4 @@
-"""Turn Jinja2 templates into ready-to-send :class:`~email.message.EmailMessage` objects.
+"""Turn Jinja2 templates into ready-to-send emails: the bytes for SMTP, or an :class:`~email.message.EmailMessage`.
 
 Three layers, each usable on its own:
 
@@ -7,8 +7,9 @@ Three layers, each usable on its own:
 * :class:`Renderer`, which renders one kind of email in one language from the
   built-in templates or the operator's overrides, and reports every problem as a
   :class:`~mailflow.errors.TemplateError` naming the file;
-* :func:`build_message`, which assembles the MIME message and refuses any header
-  value that could inject another header.
+* :func:`build_message_bytes`, which writes the MIME message straight out as the bytes
+  to send (CRLF, 7-bit) and refuses any header value that could inject another header;
+  :func:`build_message` is the same bytes parsed back into an ``EmailMessage``.
 
 The subject carries a reference such as ``[Ref. responsible-2017/HN]`` so that a
 reply can be matched by its subject alone (:func:`parse_subject_reference`).
@@ -16,17 +17,23 @@ reply can be matched by its subject alone (:func:`parse_subject_reference`).
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import re
+import struct
 import traceback
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email import policy as email_policy
+from email.errors import HeaderParseError
 from email.headerregistry import Address
 from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import encode_rfc2231
 from email.utils import format_datetime as rfc5322_datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -75,7 +82,9 @@ _HEADER_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # A header field name: printable ASCII except the colon (RFC 5322 section 2.2).
 _HEADER_NAME_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")
 # Headers whose value is structural: the MIME machinery owns them.
-_RESERVED_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version"})
+_RESERVED_HEADERS = frozenset({"content-type", "content-transfer-encoding", "content-disposition", "mime-version"})
+# Headers written from a parameter of build_message (checked there): not to be given again in `headers`.
+_PARAMETER_HEADERS = frozenset({"from", "to", "reply-to", "subject", "date", "message-id"})
 
 # "Re:", "RE:", "RV:" (reenviado), "Fwd:", "AW:", "WG:", "TR:", "SV:", "Antw:", "Re[2]:"… at the start of a subject.
 _REPLY_PREFIX_RE = re.compile(r"^\s*(?:re|res|rv|fw|fwd|aw|wg|tr|sv|antw)\s*(?:\[\d+\]|\(\d+\))?\s*:\s*", re.IGNORECASE)
@@ -581,6 +590,50 @@ def _check_contexts(kind: str, language: str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------
 # The MIME message
 # --------------------------------------------------------------------------
+#
+# build_message_bytes writes the message out directly: the email package's object model costs
+# milliseconds per message (building it, then refolding every header in as_bytes), which is
+# most of the time it takes to send a campaign. build_message parses those very bytes back, so
+# there is one writer and one set of checks behind both.
+
+_CRLF = "\r\n"
+_SOFT_LINE_LIMIT = 78  # RFC 5322 section 2.1.1: a line SHOULD be at most 78 characters…
+_LINE_LIMIT = 998  # …and MUST be at most 998.
+
+# A plain address that the header parser would accept unchanged: dot-atom@dot-atom, ASCII, no encoded word.
+# Anything else (quoted local parts, comments, domain literals, mistakes) goes through the full parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_SIMPLE_ADDRESS_RE = re.compile(rf"(?!.*=\?){_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+# A Message-ID as RFC 5322 writes it: <left@right>, printable ASCII, no space, no second angle bracket or @.
+_MESSAGE_ID_CHAR = r"[\x21-\x3b\x3d\x3f\x41-\x7e]"  # printable ASCII but "<", ">" and "@"
+_MESSAGE_ID_RE = re.compile(rf"<{_MESSAGE_ID_CHAR}+@{_MESSAGE_ID_CHAR}+>")
+# A MIME type made of two RFC 2045 tokens.
+_MIME_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
+_MIME_TYPE_RE = re.compile(rf"{_MIME_TOKEN}/{_MIME_TOKEN}")
+# Characters that may not stand unquoted in a display name (RFC 5322 "specials").
+_PHRASE_SPECIALS_RE = re.compile(r'[][\\()<>@,:;".]')
+
+# RFC 2047 "Q" encoded words, with the restricted character set of section 5 (3), so that the same
+# words are valid in a Subject, in a display name and in a quoted parameter value.
+_EW_PREFIX = "=?utf-8?q?"
+_EW_SUFFIX = "?="
+_EW_PAYLOAD_LIMIT = 75 - len(_EW_PREFIX) - len(_EW_SUFFIX)  # an encoded word is at most 75 characters
+_EW_CHAR_MAX = 12  # the longest encoding of one code point: four UTF-8 bytes, each =XX
+_Q_BYTE = tuple(
+    "_"
+    if byte == 0x20
+    else chr(byte)
+    if chr(byte).isascii() and (chr(byte).isalnum() or chr(byte) in "!*+-/")
+    else f"={byte:02X}"
+    for byte in range(256)
+)
+_Q_CHARS: dict[str, str] = {}
+# A quoted-printable line whose encoded white space at the end took it past 76 characters.
+_QP_LONG_WHITESPACE_END_RE = re.compile(rb"^([^\r\n]{74,})(=20|=09)\r$", re.MULTILINE)
+# 64 base64 lines of 76 characters, unpacked in one call (see _base64).
+_BASE64_BLOCK = struct.Struct("76s" * 64)
+
+_TEXT_PART_HEADERS = 'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n'
 
 
 def _safe(header: str, value: str) -> str:
@@ -591,13 +644,352 @@ def _safe(header: str, value: str) -> str:
     return value
 
 
-def _address(header: str, addr_spec: str, display_name: str = "") -> Address:
-    _safe(header, addr_spec)
-    _safe(header, display_name)
+def _addr_spec(header: str, address: str) -> str:
+    """``address`` as it is written in ``header``: one plain addr-spec, or a TemplateError naming the header."""
+    address = _safe(header, address).strip()
+    if _SIMPLE_ADDRESS_RE.fullmatch(address):
+        return address
     try:
-        return Address(display_name=display_name, addr_spec=addr_spec.strip())
-    except (ValueError, IndexError) as exc:
-        raise TemplateError(f"header {header}: {addr_spec!r} is not a valid email address ({exc})") from None
+        spec = Address(addr_spec=address).addr_spec
+    except (ValueError, IndexError, HeaderParseError) as exc:
+        raise TemplateError(f"header {header}: {address!r} is not a valid email address ({exc})") from None
+    if not spec.isascii():
+        # Without SMTPUTF8 the address would go out as an encoded word, which is not an address at all.
+        raise TemplateError(
+            f"header {header}: {address!r} is not a valid email address (non-ASCII; write the domain in its xn-- form)"
+        )
+    return spec
+
+
+def _q_char(char: str) -> str:
+    encoded = _Q_CHARS.get(char)
+    if encoded is None:
+        encoded = "".join([_Q_BYTE[byte] for byte in char.encode("utf-8")])
+        if len(_Q_CHARS) < 4096:
+            _Q_CHARS[char] = encoded
+    return encoded
+
+
+def _q_payloads(text: str, first: int) -> list[str]:
+    """``text`` Q-encoded in pieces of at most ``first``, then :data:`_EW_PAYLOAD_LIMIT`, characters.
+
+    A piece is never cut inside a character (each encoded word must decode on its own), and
+    where it can it ends just after a space (``_``): a reader that wrongly keeps the white
+    space between two encoded words then shows a double space rather than a word cut in two.
+    """
+    payloads: list[str] = []
+    current = ""
+    limit = first
+    for char in text:
+        encoded = _q_char(char)
+        if current and len(current) + len(encoded) > limit:
+            cut = current.rfind("_") + 1  # "_" is only ever an encoded space: a literal "_" is "=5F"
+            if cut * 2 < len(current) or cut == len(current):
+                cut = len(current)
+            payloads.append(current[:cut])
+            current = current[cut:]
+            limit = _EW_PAYLOAD_LIMIT
+        current += encoded
+    payloads.append(current)
+    return payloads
+
+
+def _words(value: str, needs_encoding: Callable[[str], bool]) -> list[tuple[bool, str]]:
+    """``value`` cut at its spaces into ``(encode, text)`` tokens that are written one space apart.
+
+    A word that ``needs_encoding`` is encoded together with the encoded words that follow it
+    (and the empty words of a run of spaces between them): a decoder drops the white space
+    between two encoded words, so the spaces between them must be inside the encoding.
+    """
+    words = value.split(" ")
+    tokens: list[tuple[bool, str]] = []
+    i = 0
+    while i < len(words):
+        if not needs_encoding(words[i]):
+            tokens.append((False, words[i]))
+            i += 1
+            continue
+        last = i
+        for j in range(i + 1, len(words)):
+            if words[j] and not needs_encoding(words[j]):
+                break
+            if words[j]:
+                last = j
+        tokens.append((True, " ".join(words[i : last + 1])))
+        i = last + 1
+    return tokens
+
+
+def _field(name: str, tokens: Sequence[tuple[bool, str]]) -> str:
+    """One header field, CRLF-terminated, folded at the spaces between tokens to lines of 78 where possible.
+
+    Encoded tokens become as many RFC 2047 encoded words as they need, each cut to fit the
+    line it starts on (and never inside a character). A line is only folded after a word, so
+    no continuation line is white space alone. A line longer than 998 (one word that long)
+    is refused.
+    """
+    lines: list[str] = []
+    line = f"{name}:"
+    has_word = False
+    for encode, text in tokens:
+        if not encode:
+            if text and has_word and len(line) + 1 + len(text) > _SOFT_LINE_LIMIT:
+                lines.append(line)
+                line = ""
+            line += f" {text}"
+            has_word = has_word or bool(text)
+            continue
+        room = min(_EW_PAYLOAD_LIMIT, _SOFT_LINE_LIMIT - len(line) - 1 - len(_EW_PREFIX) - len(_EW_SUFFIX))
+        if room < _EW_CHAR_MAX and has_word:
+            lines.append(line)
+            line = ""
+            room = _EW_PAYLOAD_LIMIT
+        try:
+            payloads = _q_payloads(text, max(room, _EW_CHAR_MAX))
+        except UnicodeEncodeError:
+            raise TemplateError(f"header {name}: value {text!r} is not valid Unicode") from None
+        for payload in payloads[:-1]:
+            lines.append(f"{line} {_EW_PREFIX}{payload}{_EW_SUFFIX}")
+            line = ""
+        line += f" {_EW_PREFIX}{payloads[-1]}{_EW_SUFFIX}"
+        has_word = True
+    lines.append(line if has_word else f"{name}:")
+    for written in lines:
+        if len(written) > _LINE_LIMIT:
+            raise TemplateError(
+                f"header {name}: a line of {len(written)} characters cannot be folded to the {_LINE_LIMIT} limit"
+            )
+    return _CRLF.join(lines) + _CRLF
+
+
+def _unstructured(name: str, value: str) -> str:
+    """A header whose value is text (Subject, X-…, References…): non-ASCII words RFC 2047 encoded.
+
+    A word that looks like an encoded word is encoded too, so that a reader does not decode
+    what was plain text; so is a word too long for any line, which encoding can split.
+    """
+    longest = _LINE_LIMIT - len(name) - 2
+
+    def needs_encoding(word: str) -> bool:
+        return not word.isascii() or "=?" in word or len(word) > longest
+
+    return _field(name, _words(_safe(name, value), needs_encoding))
+
+
+def _mailbox(header: str, display_name: str, address: str) -> str:
+    """``Name <address>``: an ASCII name as atoms or one quoted string, any other one RFC 2047 encoded."""
+    spec = _addr_spec(header, address)
+    _safe(header, display_name)
+    if not display_name:
+        return _field(header, [(False, spec)])
+    if display_name.isascii() and "=?" not in display_name:
+        if _PHRASE_SPECIALS_RE.search(display_name):
+            display_name = '"{}"'.format(display_name.replace("\\", "\\\\").replace('"', '\\"'))
+        tokens = [(False, word) for word in display_name.split(" ")]
+    else:
+        # Words with specials are encoded too: RFC 2047 allows encoded words, not quoted strings, next to atoms.
+        tokens = _words(
+            display_name,
+            lambda word: not word.isascii() or "=?" in word or _PHRASE_SPECIALS_RE.search(word) is not None,
+        )
+    return _field(header, [*tokens, (False, f"<{spec}>")])
+
+
+def _extra_headers(language: str | None, headers: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """Auto-Submitted, Content-Language and the caller's ``headers`` by lower-case name (values checked when written).
+
+    A given header replaces a default of the same name (and moves to the end, where the given
+    ones go); a malformed name, the structure headers and those with their own parameter are refused.
+    """
+    fields = {"auto-submitted": ("Auto-Submitted", "auto-generated")}
+    if language:
+        fields["content-language"] = ("Content-Language", language)
+    for name, value in headers.items():
+        if not _HEADER_NAME_RE.match(name):
+            raise TemplateError(f"header {name!r}: not a valid header name")
+        key = name.lower()
+        if key in _RESERVED_HEADERS:
+            raise TemplateError(f"header {name}: set by the MIME structure, cannot be given")
+        if key in _PARAMETER_HEADERS:
+            raise TemplateError(f"header {name}: set from its own parameter, cannot be given in headers")
+        fields.pop(key, None)
+        fields[key] = (name, value)
+    return fields
+
+
+def _quoted_printable(text: str) -> bytes:
+    """``text`` in UTF-8, quoted-printable (RFC 2045 section 6.7), CRLF line ends, lines of at most 76.
+
+    Every line break (LF, CR or CRLF) becomes CRLF and the text ends with one, as the email
+    package does. In text mode with CRLF input ``b2a_qp`` encodes ``=`` (``=3D``), controls
+    and 8-bit bytes, breaks lines with a soft ``=`` at 76, and encodes white space at the end
+    of a line and a line that is a lone ``.`` (``=2E``, which a relay could take for the end
+    of the data). Two corners it misses are put right here: the encoded trailing space makes
+    a 77-character line (it is moved to a line of its own), and a lone ``.`` after a soft
+    line break is not encoded.
+    """
+    lines = text.encode("utf-8").splitlines()
+    encoded = binascii.b2a_qp(b"\r\n".join(lines) + b"\r\n", istext=True)
+    if b"=20\r\n" in encoded or b"=09\r\n" in encoded:
+        encoded = _QP_LONG_WHITESPACE_END_RE.sub(b"\\1=\r\n\\2\r", encoded)
+    return encoded.replace(b"=\r\n.\r\n", b"=\r\n=2E\r\n")
+
+
+def _base64(data: bytes) -> bytes:
+    """``data`` in base64, lines of 76 characters (57 bytes) each ended by CRLF.
+
+    One ``b2a_base64`` call, then the lines are cut out 64 at a time by ``struct`` (in C):
+    a 50 KB workbook has ~900 lines, and a Python loop over them costs more than the encoding.
+    """
+    encoded = binascii.b2a_base64(data, newline=False)
+    cut = len(encoded) - len(encoded) % _BASE64_BLOCK.size
+    lines = list(chain.from_iterable(_BASE64_BLOCK.iter_unpack(memoryview(encoded)[:cut])))
+    lines += [encoded[start : start + 76] for start in range(cut, len(encoded), 76)]
+    return b"\r\n".join(lines) + b"\r\n" if lines else b""
+
+
+def _filename_parameters(filename: str) -> tuple[str, str]:
+    """The Content-Type ``name=`` and Content-Disposition ``filename`` parameters for an attachment.
+
+    An ASCII name is the same quoted string in both. A non-ASCII one (``Plan estratégico -
+    Honduras.xlsx``) is written the way MimeKit, Nodemailer and Thunderbird settled on, for
+    readers of both kinds:
+
+    * Content-Disposition ``filename*=utf-8''Plan%20estrat%C3%A9gico%20-%20Honduras.xlsx``:
+      RFC 2231, the standard form (what Python's email package writes), read by Gmail, Apple
+      Mail, Thunderbird and Python, which all take the Content-Disposition filename first;
+    * Content-Type ``name="=?utf-8?q?Plan_estrat=C3=A9gico...?="``: RFC 2047 inside quotes,
+      folded between its encoded words. RFC 2047 does not allow encoded words in parameters
+      (Python's parser notes it as a header defect, and decodes it), but it is the form that
+      Outlook/Exchange and other readers without RFC 2231 support look for, and what Outlook
+      and Gmail write themselves; without it they show "ATT00001.bin" or "Untitled attachment".
+
+    No plain ASCII ``filename="Plan estrategico…"`` beside ``filename*``: RFC 2231 says nothing
+    of which wins, and Python (among others) takes the first of the two and flags a duplicate
+    parameter, so a transliterated fallback would be what some readers show.
+    """
+    if filename.isascii() and "=?" not in filename:
+        quoted = '"{}"'.format(filename.replace("\\", "\\\\").replace('"', '\\"'))
+        return f"name={quoted}", f"filename={quoted}"
+    try:
+        # The first word shares its line with ' name="' (7) and perhaps the closing quote: 78 at most.
+        payloads = _q_payloads(filename, _SOFT_LINE_LIMIT - 8 - len(_EW_PREFIX) - len(_EW_SUFFIX) - 1)
+    except UnicodeEncodeError:
+        raise TemplateError(f"attachment {filename!r}: the file name is not valid Unicode") from None
+    encoded_words = f"{_CRLF} ".join(f"{_EW_PREFIX}{payload}{_EW_SUFFIX}" for payload in payloads)
+    return f'name="{encoded_words}"', f"filename*={encode_rfc2231(filename, 'utf-8')}"
+
+
+def _attachment_part(attachment: Attachment) -> bytes:
+    _safe("Content-Disposition (attachment filename)", attachment.filename)
+    if not _MIME_TYPE_RE.fullmatch(attachment.mime_type) or attachment.mime_type.lower().startswith(
+        ("multipart/", "message/")
+    ):
+        raise TemplateError(f"attachment {attachment.filename!r}: {attachment.mime_type!r} is not a MIME type")
+    name, filename = _filename_parameters(attachment.filename)
+    head = (
+        f"Content-Type: {attachment.mime_type};{_CRLF} {name}{_CRLF}"
+        f"Content-Transfer-Encoding: base64{_CRLF}"
+        f"Content-Disposition: attachment;{_CRLF} {filename}{_CRLF}{_CRLF}"
+    )
+    for line in head.split(_CRLF):
+        if len(line) > _LINE_LIMIT:
+            raise TemplateError(f"attachment {attachment.filename!r}: the file name is too long for a header line")
+    return head.encode("ascii") + _base64(attachment.content)
+
+
+def _boundaries(message_id: str) -> tuple[str, str]:
+    """The multipart/mixed and multipart/alternative boundaries: ``=_mf_<24 hex of the Message-ID's hash>_<n>``.
+
+    They can never occur in the parts, so they need no search through the content:
+    quoted-printable writes ``=`` only as ``=XX`` (two hex digits) or as a soft line break at
+    the very end of a line, so never ``=_``; base64 has no ``-`` or ``_`` and ``=`` only as
+    final padding; the part headers are ours and start with a letter or a space. So no line
+    of the content starts ``--=_``. The two differ only in their last character and have
+    the same length, so neither is a prefix of the other (some readers match delimiters by
+    prefix). Derived from the Message-ID, they are distinct for every message and the same
+    inputs always give the same bytes.
+    """
+    digest = hashlib.sha256(message_id.encode("ascii")).hexdigest()[:24]
+    return f"=_mf_{digest}_0", f"=_mf_{digest}_1"
+
+
+def build_message_bytes(
+    *,
+    rendered: RenderedEmail,
+    from_name: str,
+    from_address: str,
+    to: Sequence[str],
+    reply_to: str,
+    message_id: str,
+    date: datetime,
+    headers: Mapping[str, str],
+    attachments: Sequence[Attachment] = (),
+) -> bytes:
+    """Assemble one email as the bytes to send over SMTP: 7-bit, CRLF line endings.
+
+    The body is ``multipart/alternative`` (text, then HTML, both UTF-8 quoted-printable);
+    with attachments (base64) it is wrapped in ``multipart/mixed``. Non-ASCII in the
+    display name, the subject and other text headers is RFC 2047 encoded; header lines are
+    folded to 78 characters where their words allow, and never exceed 998. ``headers`` are
+    added last and may replace a default (``Auto-Submitted``: a receipt is
+    ``auto-replied``; ``Content-Language``), but not the MIME structure headers nor those
+    with their own parameter (From, To, Reply-To, Subject, Date, Message-ID). Any value
+    with a line break or control character, or any invalid address, date, Message-ID or
+    MIME type, raises :class:`TemplateError` naming the header: nothing is sent half-checked.
+    """
+    if not to:
+        raise TemplateError("header To: no recipients")
+    if date.tzinfo is None or date.utcoffset() is None:
+        raise TemplateError(f"header Date: naive datetime {date.isoformat()} where an aware one is required")
+    if not _MESSAGE_ID_RE.fullmatch(_safe("Message-ID", message_id)) or len(message_id) > _LINE_LIMIT - 12:
+        raise TemplateError(f"header Message-ID: {message_id!r} is not a valid message id")
+    recipients = [_addr_spec("To", address) for address in to]
+    top = [
+        _mailbox("From", from_name, from_address),
+        _field("To", [(False, f"{spec},") for spec in recipients[:-1]] + [(False, recipients[-1])]),
+        _field("Reply-To", [(False, _addr_spec("Reply-To", reply_to))]),
+        _unstructured("Subject", rendered.subject),
+        f"Date: {rfc5322_datetime(date)}{_CRLF}",
+        f"Message-ID: {message_id}{_CRLF}",
+        f"MIME-Version: 1.0{_CRLF}",
+    ]
+    top.extend(_unstructured(name, value) for name, value in _extra_headers(rendered.language, headers).values())
+    parts = [_attachment_part(attachment) for attachment in attachments]
+    try:
+        text = _quoted_printable(rendered.text)
+        html = _quoted_printable(rendered.html)
+    except UnicodeEncodeError:
+        raise TemplateError("the message body is not valid Unicode (a lone surrogate)") from None
+    mixed, alternative = _boundaries(message_id)
+    alternative_body = b"".join(
+        (
+            f"--{alternative}{_CRLF}{_TEXT_PART_HEADERS.format(subtype='plain')}{_CRLF}".encode("ascii"),
+            text,
+            f"{_CRLF}--{alternative}{_CRLF}{_TEXT_PART_HEADERS.format(subtype='html')}{_CRLF}".encode("ascii"),
+            html,
+            f"{_CRLF}--{alternative}--{_CRLF}".encode("ascii"),
+        )
+    )
+    alternative_type = f'Content-Type: multipart/alternative;{_CRLF} boundary="{alternative}"{_CRLF}{_CRLF}'
+    if not parts:
+        return b"".join(("".join(top).encode("ascii"), alternative_type.encode("ascii"), alternative_body))
+    chunks = [
+        "".join(top).encode("ascii"),
+        f'Content-Type: multipart/mixed; boundary="{mixed}"{_CRLF}{_CRLF}--{mixed}{_CRLF}'.encode("ascii"),
+        alternative_type.encode("ascii"),
+        alternative_body,
+    ]
+    delimiter = f"{_CRLF}--{mixed}{_CRLF}".encode("ascii")
+    for part in parts:
+        chunks += (delimiter, part)
+    chunks.append(f"{_CRLF}--{mixed}--{_CRLF}".encode("ascii"))
+    return b"".join(chunks)
+
+
+# The SMTP policy, but header lines are written back as they were parsed: they are folded already, and
+# Python's refolding of a long line breaks tokens (a long MIME type came out as "…sp readsheetml.sheet").
+_PARSE_POLICY = email_policy.SMTP.clone(refold_source="none")
 
 
 def build_message(
@@ -612,49 +1004,23 @@ def build_message(
     headers: Mapping[str, str],
     attachments: Sequence[Attachment] = (),
 ) -> EmailMessage:
-    """Assemble one email, ready for SMTP (CRLF line endings).
+    """The email of :func:`build_message_bytes` as an :class:`~email.message.EmailMessage` (SMTP policy).
 
-    The body is ``multipart/alternative`` (text, then HTML); with attachments it is
-    wrapped in ``multipart/mixed``. ``headers`` are added last and may replace a
-    default such as ``Auto-Submitted`` (a receipt is ``auto-replied``), but not the
-    MIME structure headers. Any value with a line break or control character raises
-    :class:`TemplateError` naming the header: nothing is sent half-checked.
+    It is those very bytes parsed back, so both take the same checks and ``as_bytes()``
+    gives the same bytes back; for the preview and for tests. Sending uses the bytes.
     """
-    if not to:
-        raise TemplateError("header To: no recipients")
-    if date.tzinfo is None or date.utcoffset() is None:
-        raise TemplateError(f"header Date: naive datetime {date.isoformat()} where an aware one is required")
-    msg = EmailMessage(policy=email_policy.SMTP)
-    msg["From"] = _address("From", from_address, from_name)
-    msg["To"] = tuple(_address("To", addr) for addr in to)
-    msg["Reply-To"] = _address("Reply-To", reply_to)
-    msg["Subject"] = _safe("Subject", rendered.subject)
-    msg["Date"] = rfc5322_datetime(date)
-    msg["Message-ID"] = _safe("Message-ID", message_id)
-    msg["MIME-Version"] = "1.0"
-    msg["Auto-Submitted"] = "auto-generated"
-    extra: dict[str, str] = {}
-    if rendered.language:
-        extra["Content-Language"] = _safe("Content-Language", rendered.language)
-    for name, value in headers.items():
-        if not _HEADER_NAME_RE.match(name):
-            raise TemplateError(f"header {name!r}: not a valid header name")
-        if name.lower() in _RESERVED_HEADERS:
-            raise TemplateError(f"header {name}: set by the MIME structure, cannot be given")
-        extra[name] = _safe(name, value)
-    for attachment in attachments:
-        _safe("Content-Disposition (attachment filename)", attachment.filename)
-    msg.set_content(rendered.text, subtype="plain", charset="utf-8", cte="quoted-printable")
-    msg.add_alternative(rendered.html, subtype="html", charset="utf-8", cte="quoted-printable")
-    for attachment in attachments:
-        maintype, _, subtype = attachment.mime_type.partition("/")
-        if not maintype or not subtype:
-            raise TemplateError(f"attachment {attachment.filename!r}: {attachment.mime_type!r} is not a MIME type")
-        msg.add_attachment(attachment.content, maintype=maintype, subtype=subtype, filename=attachment.filename)
-    # Added last: turning the message multipart moves every Content-* header down into the first part.
-    for name, value in extra.items():
-        del msg[name]
-        msg[name] = value
-    if msg["Message-ID"] != message_id:
-        raise TemplateError(f"header Message-ID: {message_id!r} is not a valid message id")
-    return msg
+    raw = build_message_bytes(
+        rendered=rendered,
+        from_name=from_name,
+        from_address=from_address,
+        to=to,
+        reply_to=reply_to,
+        message_id=message_id,
+        date=date,
+        headers=headers,
+        attachments=attachments,
+    )
+    message = BytesParser(policy=_PARSE_POLICY).parsebytes(raw)
+    if not isinstance(message, EmailMessage):  # pragma: no cover - an EmailPolicy always makes one
+        raise TypeError(f"expected an EmailMessage, got {type(message).__name__}")
+    return message

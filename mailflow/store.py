@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -178,6 +178,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE outbox ADD COLUMN inbound_id INTEGER;
     ALTER TABLE contact_refusal ADD COLUMN source TEXT NOT NULL DEFAULT 'smtp';
+    """,
+    # 3: look-ups by received message (follow-ups read what a message brought).
+    """
+    CREATE INDEX answer_by_inbound ON answer (inbound_id);
+    CREATE INDEX attachment_by_inbound ON attachment (inbound_id);
+    CREATE INDEX row_change_by_inbound ON row_change (inbound_id);
     """,
 )
 
@@ -841,35 +847,46 @@ class Store:
             out.setdefault(who, {})[key] = value
         return out
 
-    def set_answer(
+    def set_answers(
         self,
         campaign: str,
         delegation: str,
-        key: str,
-        value: str,
+        answers: Mapping[str, str],
         *,
         source: str,
         inbound_id: int,
         attachment_id: int | None,
         at: datetime,
-    ) -> bool:
-        """Record an answer; the latest non-empty one wins and the earlier stay as history.
+    ) -> int:
+        """Record answers; for each key the latest non-empty answer wins and the earlier stay as history.
 
-        Returns True when the current answer changed."""
-        current = self._execute(
-            "SELECT id, value FROM answer WHERE campaign = ? AND delegation = ? AND key = ? AND current = 1",
-            (campaign, delegation, key),
-        ).fetchone()
-        if current is not None and current[1] == value:
-            return False
-        if current is not None:
-            self._execute("UPDATE answer SET current = 0 WHERE id = ?", (current[0],))
-        self._execute(
-            "INSERT INTO answer (campaign, delegation, key, value, source, inbound_id, attachment_id, recorded_at, "
-            "current) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)",
-            (campaign, delegation, key, value, source, inbound_id, attachment_id, to_text(at)),
-        )
-        return True
+        One read and batched writes. Returns how many current answers changed."""
+        current = {
+            key: (answer_id, value)
+            for answer_id, key, value in self._execute(
+                "SELECT id, key, value FROM answer WHERE campaign = ? AND delegation = ? AND current = 1",
+                (campaign, delegation),
+            )
+        }
+        changed = [(key, value) for key, value in answers.items() if current.get(key, (0, None))[1] != value]
+        if not changed:
+            return 0
+        try:
+            self._db.executemany(
+                "UPDATE answer SET current = 0 WHERE id = ?",
+                [(current[key][0],) for key, _ in changed if key in current],
+            )
+            self._db.executemany(
+                "INSERT INTO answer (campaign, delegation, key, value, source, inbound_id, attachment_id, "
+                "recorded_at, current) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                [
+                    (campaign, delegation, key, value, source, inbound_id, attachment_id, to_text(at))
+                    for key, value in changed
+                ],
+            )
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"store {self.path}: {exc}") from exc
+        return len(changed)
 
     def answers_from(self, inbound_id: int) -> list[AnswerRow]:
         """The answers a message brought (whether or not still current)."""
@@ -966,6 +983,25 @@ class Store:
 
     def state(self, campaign: str, delegation: str) -> StateRow | None:
         return self.states(campaign, delegation).get(delegation)
+
+    def advance_state(
+        self, campaign: str, delegation: str, old: DelegationState, new: DelegationState, at: datetime, reason: str
+    ) -> bool:
+        """Move a delegation from ``old`` to ``new`` (only if it is in ``old``), recording the change."""
+        cursor = self._execute(
+            "UPDATE delegation_state SET state = ?, updated_at = ? WHERE campaign = ? AND delegation = ? AND state = ?",
+            (new.value, to_text(at), campaign, delegation, old.value),
+        )
+        if cursor.rowcount:
+            self.record_event(
+                at,
+                "state_changed",
+                reason,
+                campaign=campaign,
+                delegation=delegation,
+                detail={"from": old.value, "to": new.value},
+            )
+        return bool(cursor.rowcount)
 
     def set_state(
         self,

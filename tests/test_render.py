@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email
 import email.policy
+import email.utils
+import random
 import re
 from datetime import UTC, date, datetime
+from email.header import decode_header
+from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,7 @@ from mailflow.render import (
     RenderedEmail,
     Renderer,
     build_message,
+    build_message_bytes,
     example_context,
     format_date,
     format_datetime,
@@ -931,3 +938,412 @@ def test_check_knows_the_follow_up_names(tmp_path: Path) -> None:
     assert len(problems) == 1
     assert "es/reciept.txt.j2" in problems[0] and "not a known template" in problems[0]
     assert "receipt.txt.j2" in problems[0]  # listed among the expected names
+
+
+# --------------------------------------------------------------------------
+# The message as bytes (build_message_bytes)
+# --------------------------------------------------------------------------
+
+_BOUNDARY_LINE = b"--=_mf_"
+
+
+def _reference_message(
+    *,
+    rendered: RenderedEmail,
+    from_name: str,
+    from_address: str,
+    to: list[str],
+    reply_to: str,
+    message_id: str,
+    date: datetime,
+    headers: dict[str, str],
+    attachments: list[Attachment],
+) -> EmailMessage:
+    """The same email built by the email package's object model, the way build_message used to: the reference."""
+    message = EmailMessage(policy=email.policy.SMTP)
+    message["From"] = Address(display_name=from_name, addr_spec=from_address)
+    message["To"] = tuple(Address(addr_spec=address) for address in to)
+    message["Reply-To"] = Address(addr_spec=reply_to)
+    message["Subject"] = rendered.subject
+    message["Date"] = email.utils.format_datetime(date)
+    message["Message-ID"] = message_id
+    message["MIME-Version"] = "1.0"
+    message["Auto-Submitted"] = "auto-generated"
+    extra = {"Content-Language": rendered.language} if rendered.language else {}
+    extra.update(headers)
+    message.set_content(rendered.text, subtype="plain", charset="utf-8", cte="quoted-printable")
+    message.add_alternative(rendered.html, subtype="html", charset="utf-8", cte="quoted-printable")
+    for attachment in attachments:
+        maintype, _, subtype = attachment.mime_type.partition("/")
+        message.add_attachment(attachment.content, maintype=maintype, subtype=subtype, filename=attachment.filename)
+    for name, value in extra.items():
+        del message[name]
+        message[name] = value
+    return message
+
+
+def _arguments(
+    kind: str = "request", language: str = "es", *, name: str = "Honduras", attach: bool = True, **overrides: Any
+) -> dict[str, Any]:
+    """build_message's arguments for one email the engine sends (a follow-up threaded under a reply)."""
+    context = sample_context(kind, language, name=name, days_left=1 if kind == "reminder" else 0, days_overdue=2)
+    headers = {"X-Mailflow-Kind": kind, "X-Mailflow-Campaign": "responsible-2017", "X-Mailflow-Delegation": "HN"}
+    if kind in FOLLOW_UP_KINDS:
+        headers.update(
+            {
+                "Auto-Submitted": "auto-replied",
+                "In-Reply-To": "<reply.1@sre.example.hn>",
+                "References": "<mailflow.1@crm.example.org> <reply.1@sre.example.hn>",
+            }
+        )
+    workbook = random.Random(f"{kind}/{language}").randbytes(5000 + 57 * 3 + 7)  # not a whole number of lines
+    attachments = [
+        Attachment(context["attachment_name"], workbook),
+        Attachment("notes.txt", b"plain\r\n", "text/plain"),
+    ]
+    arguments: dict[str, Any] = {
+        "rendered": Renderer().render(kind, language, context),
+        "from_name": "Secretaría Técnica de la CRM",
+        "from_address": "st@crm.example.org",
+        "to": ["enlace@sre.example.hn", "migracion@example.hn"],
+        "reply_to": "st@crm.example.org",
+        "message_id": make_message_id("crm.example.org", "responsible-2017", "HN", kind),
+        "date": datetime(2017, 10, 18, 16, 0, tzinfo=UTC),
+        "headers": headers,
+        "attachments": attachments if attach else [],
+    }
+    arguments.update(overrides)
+    return arguments
+
+
+def _parse(raw: bytes, policy: Any = email.policy.default) -> EmailMessage:
+    parsed = email.message_from_bytes(raw, policy=policy)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+def _header_block(raw: bytes) -> list[str]:
+    return raw.split(b"\r\n\r\n", 1)[0].decode("ascii").split("\r\n")
+
+
+def _field_lines(raw: bytes, name: str) -> list[str]:
+    """The lines of one top-level header field, its continuation lines included."""
+    lines = _header_block(raw)
+    start = next(i for i, line in enumerate(lines) if line.lower().startswith(f"{name.lower()}:"))
+    end = start + 1
+    while end < len(lines) and lines[end].startswith(" "):
+        end += 1
+    return lines[start:end]
+
+
+def _content_lines(raw: bytes) -> list[bytes]:
+    """Every line of quoted-printable or base64 content, in every part."""
+    lines: list[bytes] = []
+    in_head, encoded, in_content = True, False, False
+    for line in raw.split(b"\r\n"):
+        if line.startswith(_BOUNDARY_LINE):
+            in_head, encoded, in_content = True, False, False
+        elif in_head:
+            encoded = encoded or line.lower().startswith(b"content-transfer-encoding:")
+            if not line:
+                in_head, in_content = False, encoded
+        elif in_content:
+            lines.append(line)
+    return lines
+
+
+def _assert_well_formed(raw: bytes) -> None:
+    """7-bit, CRLF only, lines within RFC 5322 and RFC 2045 limits, and no defect found by a strict parser."""
+    assert raw.isascii()
+    assert re.search(rb"(?<!\r)\n|\r(?!\n)", raw) is None  # CRLF only: no bare LF, no bare CR
+    lines = raw.split(b"\r\n")
+    assert lines[-1] == b""
+    assert max(len(line) for line in lines) <= 998
+    content = _content_lines(raw)
+    assert content and max(len(line) for line in content) <= 76
+    assert not any(line.endswith((b" ", b"\t")) for line in content)
+    # Header lines (the message's and its parts') fold at 78 unless a single word is longer (a Message-ID,
+    # a long MIME type): then it stands alone on its line.
+    content_set = set(content)
+    for line in lines:
+        if len(line) > 78 and line not in content_set:
+            assert b" " not in line.strip().partition(b": ")[2].strip(), line
+    parsed = _parse(raw, email.policy.strict)  # raises on any defect of the message structure
+    for part in parsed.walk():
+        assert part.defects == []
+        for name, value in part.items():
+            defects = {str(defect) for defect in getattr(value, "defects", ())}
+            if name == "Content-Type" and part.get_content_disposition() == "attachment":
+                # The RFC 2047 name= fallback for readers without RFC 2231 (see _filename_parameters).
+                defects -= {"encoded word inside quoted string", "missing trailing whitespace after encoded-word"}
+            assert not defects, (name, defects)
+
+
+def _assert_same_message(raw: bytes, reference: EmailMessage) -> None:
+    """``raw`` reads back as the same email as ``reference``: headers, text, HTML, attachments."""
+    got, expected = _parse(raw), _parse(reference.as_bytes())
+    assert sorted(k.lower() for k in got) == sorted(k.lower() for k in expected)
+    for name in expected:
+        if name.lower() != "content-type":
+            assert str(got[name]) == str(expected[name]), name
+    got_parts, expected_parts = list(got.walk()), list(expected.walk())
+    assert [p.get_content_type() for p in got_parts] == [p.get_content_type() for p in expected_parts]
+    for part, expected_part in zip(got_parts, expected_parts, strict=True):
+        if part.is_multipart():
+            continue
+        assert part.get_content_charset() == expected_part.get_content_charset()
+        assert part["Content-Transfer-Encoding"] == expected_part["Content-Transfer-Encoding"]
+        assert part.get_content_disposition() == expected_part.get_content_disposition()
+        assert part.get_filename() == expected_part.get_filename()
+        assert part.get_content() == expected_part.get_content()
+
+
+@pytest.mark.parametrize("attach", [True, False], ids=["attachments", "no-attachments"])
+@pytest.mark.parametrize("name", ["Honduras", "República Dominicana"])
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("kind", KINDS_WITH_TEMPLATES)
+def test_message_bytes_read_back_as_the_email_packages_message(
+    kind: str, language: str, name: str, attach: bool
+) -> None:
+    arguments = _arguments(kind, language, name=name, attach=attach)
+    raw = build_message_bytes(**arguments)
+    _assert_well_formed(raw)
+    _assert_same_message(raw, _reference_message(**arguments))
+
+    parsed = _parse(raw)
+    assert parsed.get_content_type() == ("multipart/mixed" if attach else "multipart/alternative")
+    assert str(parsed["Subject"]) == arguments["rendered"].subject
+    assert parsed["Content-Language"] == language
+    attachments = list(parsed.iter_attachments())
+    assert [a.get_filename() for a in attachments] == [a.filename for a in arguments["attachments"]]
+    assert [a.get_payload(decode=True) for a in attachments] == [a.content for a in arguments["attachments"]]
+    if attach:  # the Outlook fallback names the file too
+        assert attachments[0].get_param("name") == f"Plan estratégico - {name}.xlsx"
+        assert "filename*=utf-8''Plan%20estrat%C3%A9gico%20-%20" in raw.decode("ascii")
+    # The boundaries appear only as delimiters: alternative 3, mixed 2 + one per attachment.
+    delimiters = [line for line in raw.split(b"\r\n") if line.startswith(_BOUNDARY_LINE)]
+    assert len(delimiters) == 3 + (2 + len(attachments) if attach else 0)
+
+
+def test_build_message_is_the_bytes_parsed_back() -> None:
+    arguments = _arguments("receipt", "en")
+    raw = build_message_bytes(**arguments)
+    message = build_message(**arguments)
+    assert message.as_bytes() == raw
+    assert message.get_all("Auto-Submitted") == ["auto-replied"]
+    assert build_message_bytes(**arguments) == raw  # the same inputs always give the same bytes
+    other = build_message_bytes(**{**arguments, "message_id": "<other@crm.example.org>"})
+    assert other.split(b"\r\n\r\n", 1)[1] != raw.split(b"\r\n\r\n", 1)[1]  # boundaries follow the Message-ID
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "Plan Estratégico 2017-2022: columna Responsable — República Dominicana y otros países [Ref. a/DO]",
+        "Re:  Plan  é  [Ref. a/b]",  # runs of spaces, inside and around encoded words
+        "é é",
+        "a =?utf-8?q?x?= b",  # looks like an encoded word: must not be decoded by the reader
+        "[Ref. responsible-2017/HN] — ñ",
+        "日本語の件名はとても長いです。" * 6,  # one long word, no spaces: cut between characters
+        "x" * 1200,  # longer than any line: encoded so that it can be cut
+        ("plain ascii subject " * 8).strip(),
+    ],
+)
+def test_subjects_are_encoded_and_folded(subject: str) -> None:
+    raw = build_message_bytes(**_arguments(rendered=RenderedEmail(subject, "t\n", "<p>h</p>\n", "es")))
+    _assert_well_formed(raw)
+    assert str(_parse(raw)["Subject"]) == subject
+    lines = _field_lines(raw, "Subject")
+    assert max(len(line) for line in lines) <= 78
+    assert all(line.startswith(" ") and line.strip() for line in lines[1:])  # continuation lines, none blank
+    if subject.isascii() and "=?" not in subject and len(subject) < 900:
+        assert "=?" not in "".join(lines)  # plain ASCII stays readable
+    if "Ref." in subject:
+        assert "[Ref." in "".join(lines)  # the reference is never encoded
+
+
+@pytest.mark.parametrize(
+    "display_name",
+    [
+        "Secretaría Técnica de la CRM",
+        "Smith, John",
+        'Say "hi" \\ there',
+        "Sec. Técnica (CRM), Perú",
+        "",
+        "A" * 30 + " " + "B" * 30 + " " + "C" * 30,
+        "=?utf-8?q?x?=",
+    ],
+)
+def test_from_display_names(display_name: str) -> None:
+    raw = build_message_bytes(**_arguments(from_name=display_name))
+    _assert_well_formed(raw)
+    sender = _parse(raw)["From"].addresses[0]
+    assert (sender.display_name, sender.addr_spec) == (display_name, "st@crm.example.org")
+    assert max(len(line) for line in _field_lines(raw, "From")) <= 78
+
+
+def test_a_long_non_ascii_display_name_is_split_into_encoded_words() -> None:
+    display_name = "Secretaría Técnica — Conferência Regional sobre Migração e Refúgio (São Tomé)"
+    raw = build_message_bytes(**_arguments(from_name=display_name))
+    _assert_well_formed(raw)
+    lines = _field_lines(raw, "From")
+    assert len(lines) > 1 and max(len(line) for line in lines) <= 78
+    phrase = " ".join(line.strip() for line in lines).removeprefix("From:").rpartition(" <")[0]
+    # RFC 2047 decoding (white space between encoded words dropped). Python's own address parser keeps it
+    # and would show a double space where the words were split: a limit of its phrase decoding.
+    decoded = "".join(
+        part.decode(charset or "ascii") if isinstance(part, bytes) else part for part, charset in decode_header(phrase)
+    )
+    assert decoded == display_name
+
+
+@pytest.mark.parametrize(
+    "filename",
+    [
+        "Plan estratégico - Honduras.xlsx",
+        "plain.xlsx",
+        'we"ird\\name.xlsx',
+        "=?utf-8?q?x?=.xlsx",
+        "日本語のファイル名がとても長い場合の添付ファイル名の例です" * 2 + ".xlsx",
+        "",
+    ],
+)
+def test_attachment_file_names(filename: str) -> None:
+    content = bytes(range(256)) * 3
+    arguments = _arguments(attachments=[Attachment(filename, content)])
+    raw = build_message_bytes(**arguments)
+    _assert_well_formed(raw)
+    if "=?" not in filename:  # the email package writes that one as is, and reads it back decoded: "x.xlsx"
+        _assert_same_message(raw, _reference_message(**arguments))
+    (attachment,) = _parse(raw).iter_attachments()
+    assert attachment.get_filename() == filename
+    assert attachment.get_param("name") == filename
+    assert attachment.get_content() == content
+    head = raw.split(b"Content-Transfer-Encoding: base64", 1)[0].rsplit(_BOUNDARY_LINE, 1)[1]
+    name_lines = head.split(b"\r\n")[2:]  # after the boundary and "Content-Type: <MIME type>;"
+    assert name_lines[0].startswith(b" name=") and max(len(line) for line in name_lines) <= 78
+    if filename.isascii() and "=?" not in filename:
+        assert b"filename*" not in raw and b"=?utf-8?" not in head
+    else:  # RFC 2231 in Content-Disposition, RFC 2047 in Content-Type's name= (the Outlook fallback)
+        assert b"filename*=utf-8''" in raw and b'name="=?utf-8?q?' in head
+        assert b"filename=" not in raw  # no ASCII fallback beside filename*
+
+
+def test_a_long_references_header_folds_at_spaces() -> None:
+    ids = [make_message_id("sre.example.hn", "reply", str(i)) for i in range(25)]
+    ids.append("<" + "x" * 120 + "@example.org>")  # longer than a line: alone on its own
+    references = " ".join(ids)
+    assert len(references) > 998
+    raw = build_message_bytes(**_arguments(headers={"References": references, "In-Reply-To": ids[-1]}))
+    _assert_well_formed(raw)
+    lines = _field_lines(raw, "References")
+    assert len(lines) > 10
+    assert all(line.startswith(" ") for line in lines[1:])
+    assert [line.strip() for line in lines if len(line) > 78] == [ids[-1]]
+    assert " ".join(line.strip() for line in lines).removeprefix("References: ") == references
+    assert "=?" not in "".join(lines)
+    parsed = _parse(raw)
+    assert str(parsed["References"]) == references
+    assert str(parsed["In-Reply-To"]) == ids[-1]
+
+
+def test_non_ascii_extra_headers_are_encoded() -> None:
+    arguments = _arguments(headers={"X-Mailflow-Delegation": "Perú", "X-Empty": ""})
+    raw = build_message_bytes(**arguments)
+    _assert_well_formed(raw)
+    _assert_same_message(raw, _reference_message(**arguments))
+    assert "X-Empty:" in _header_block(raw)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "header"),
+    [
+        ({"rendered": RenderedEmail("Plan\r\nBcc: x@evil [Ref. a/b]", "t", "<p>h</p>")}, "Subject"),
+        ({"rendered": RenderedEmail("Plan\u2028Bcc: x@evil", "t", "<p>h</p>")}, "Subject"),
+        ({"rendered": RenderedEmail("Plan", "t", "<p>h</p>", "es\nBcc: x@evil")}, "Content-Language"),
+        ({"headers": {"X-Mailflow-Delegation": "HN\nBcc: x@evil"}}, "X-Mailflow-Delegation"),
+        ({"headers": {"References": "<a@b>\r\n <c@d>"}}, "References"),
+        ({"headers": {"In-Reply-To": "<a@b>\x85"}}, "In-Reply-To"),
+        ({"from_name": "Secretaría\rBcc: x@evil"}, "From"),
+        ({"from_address": "st@crm.example.org\r\nBcc: x@evil"}, "From"),
+        ({"to": ["a@example.org\n"]}, "To"),
+        ({"to": ["a@example.org, b@example.org"]}, "To"),
+        ({"to": ["Name <a@example.org>"]}, "To"),
+        ({"to": ["<a@example.org>"]}, "To"),
+        ({"to": ["@example.org"]}, "To"),
+        ({"to": ["josé@example.org"]}, "To"),
+        ({"to": ["a@méxico.example"]}, "To"),
+        ({"reply_to": "st@crm.example.org\x00"}, "Reply-To"),
+        ({"message_id": "<a@b>\r\nBcc: x@evil"}, "Message-ID"),
+        ({"message_id": "no-angle-brackets@b"}, "Message-ID"),
+        ({"message_id": "<a b@c>"}, "Message-ID"),
+        ({"message_id": "<a@b@c>"}, "Message-ID"),
+        ({"message_id": "<é@b>"}, "Message-ID"),
+        ({"message_id": "<" + "a" * 990 + "@b>"}, "Message-ID"),
+        ({"headers": {"Bad Name": "x"}}, "Bad Name"),
+        ({"headers": {"X-" + "a" * 1000: "x"}}, "X-aaa"),
+        ({"headers": {"Content-Type": "text/plain"}}, "Content-Type"),
+        ({"headers": {"content-transfer-encoding": "8bit"}}, "content-transfer-encoding"),
+        ({"headers": {"Content-Disposition": "inline"}}, "Content-Disposition"),
+        ({"headers": {"MIME-Version": "2.0"}}, "MIME-Version"),
+        ({"headers": {"Subject": "other"}}, "Subject"),
+        ({"headers": {"To": "x@evil"}}, "To"),
+        ({"headers": {"message-id": "<x@y>"}}, "message-id"),
+        ({"attachments": [Attachment("a\r\nb.xlsx", b"x")]}, "Content-Disposition"),
+        ({"attachments": [Attachment("a.xlsx", b"x", "xlsx")]}, "'xlsx' is not a MIME type"),
+        ({"attachments": [Attachment("a.xlsx", b"x", "text/plain; charset=utf-8")]}, "is not a MIME type"),
+        ({"attachments": [Attachment("a.xlsx", b"x", "multipart/mixed")]}, "is not a MIME type"),
+        ({"date": datetime(2017, 10, 18, 10, 0)}, "Date"),
+        ({"to": []}, "To"),
+    ],
+)
+def test_message_bytes_refuse_bad_headers(overrides: dict[str, Any], header: str) -> None:
+    with pytest.raises(TemplateError, match=re.escape(header)):
+        build_message_bytes(**_arguments(**overrides))
+    with pytest.raises(TemplateError, match=re.escape(header)):  # the same checks: build_message is the bytes parsed
+        build_message(**_arguments(**overrides))
+
+
+def test_text_that_is_not_unicode_is_refused() -> None:
+    with pytest.raises(TemplateError, match="Subject"):
+        build_message_bytes(**_arguments(rendered=RenderedEmail("Plan \udce9", "t", "h")))
+    with pytest.raises(TemplateError, match="body"):
+        build_message_bytes(**_arguments(rendered=RenderedEmail("Plan", "t \udce9", "h")))
+
+
+def test_addresses_the_parser_accepts_are_written_plainly() -> None:
+    raw = build_message_bytes(**_arguments(to=[" a@example.org ", '"a b"@example.org', "a@[192.0.2.1]", "a(c)@b.org"]))
+    assert _field_lines(raw, "To") == ['To: a@example.org, "a b"@example.org, a@[192.0.2.1], a@b.org']
+    assert [a.addr_spec for a in _parse(raw)["To"].addresses] == [
+        "a@example.org",
+        '"a b"@example.org',
+        "a@[192.0.2.1]",
+        "a@b.org",
+    ]
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 56, 57, 58, 57 * 64 - 1, 57 * 64, 57 * 64 + 1, 57 * 129 + 5, 50_000])
+def test_attachments_are_base64_in_lines_of_76(size: int) -> None:
+    content = random.Random(size).randbytes(size)
+    raw = build_message_bytes(**_arguments(attachments=[Attachment("a.bin", content, "application/octet-stream")]))
+    body = raw.split(b'filename="a.bin"\r\n\r\n', 1)[1].rsplit(b"\r\n" + _BOUNDARY_LINE, 1)[0]
+    assert body == base64.encodebytes(content).replace(b"\n", b"\r\n")
+    (attachment,) = _parse(raw).iter_attachments()
+    assert attachment.get_content() == content
+
+
+def test_quoted_printable_bodies_keep_every_character_within_the_limits() -> None:
+    pieces = ["a", " ", "\t", ".", "=", "é", "\n", "\r", "\r\n", "-", "_", "From ", "x" * 70, "y" * 74, "日", "\x0c"]
+    rng = random.Random(2045)
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        html = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        raw = build_message_bytes(**_arguments(rendered=RenderedEmail("s", text, html), attachments=[]))
+        for line in _content_lines(raw):
+            assert len(line) <= 76
+            assert line != b"."  # a lone dot could end the SMTP data on a relay that does not stuff it
+            assert not line.endswith((b" ", b"\t"))  # trailing white space may be stripped in transit
+        text_part, html_part = _parse(raw).get_payload()
+        for part, original in ((text_part, text), (html_part, html)):
+            expected = b"\r\n".join(original.encode("utf-8").splitlines()) + b"\r\n"
+            assert binascii.a2b_qp(part.get_payload().encode("ascii")) == expected

@@ -135,3 +135,30 @@ def test_an_unwritable_location_gives_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     with pytest.raises(StoreError, match="cannot open the store"):
         Store.open(blocker / "m.db")
+
+
+def test_an_older_store_is_migrated_in_place_keeping_its_data(tmp_path: Path) -> None:
+    from mailflow.store import _statements
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    for statement in _statements(MIGRATIONS[0]):
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    db.execute(
+        "INSERT INTO outbox (campaign, delegation, kind, slot, message_id, status, created_at) "
+        "VALUES ('c', 'HN', 'request', 'request', '<a@x>', 'sent', '2017-10-18T16:00:00+00:00')"
+    )
+    db.execute(
+        "INSERT INTO contact_refusal (address, delegation, code, reason, at) "
+        "VALUES ('gone@x.hn', 'HN', 550, 'user unknown', '2017-10-18T16:00:00+00:00')"
+    )
+    db.commit()
+    db.close()
+    with Store.open(path) as store:
+        assert store.schema_version == len(MIGRATIONS)
+        [row] = store.outbox()
+        assert (row.message_id, row.status, row.inbound_id) == ("<a@x>", OutboxStatus.SENT, None)
+        [refusal] = store.refusals()["HN"]
+        assert refusal.source == "smtp" and refusal.code == 550
+        assert store.inbound_rows() == []

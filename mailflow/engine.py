@@ -17,7 +17,7 @@ from __future__ import annotations
 import email
 import email.policy
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -59,6 +59,7 @@ DEFAULT_ATTACHMENT_NAMES = {"es": "{campaign} - {delegation}.xlsx", "en": "{camp
 
 
 COMPOSE_BATCH = 100
+MISSING_CACHE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ class Engine:
         self._secret: bytes | None = None
         self._intake: Intake | None = None
         self._label_cache: dict[str, dict[str, str]] = {}
+        self._missing_cache: dict[tuple[str, tuple[str, ...]], list[dict[str, str]]] = {}
 
     # -- shared helpers ----------------------------------------------------
 
@@ -555,7 +557,7 @@ class Engine:
             "attachment_name": attachment_name,
             "total": total,
             "filled": filled,
-            "missing": [{"key": key, "label": labels.get(key, "")} for key in missing_keys],
+            "missing": self._missing_items(campaign, missing_keys),
             "days_left": max((campaign.deadline - local_day).days, 0) if kind == schedule.REMINDER else 0,
             "days_overdue": max((local_day - campaign.deadline).days, 0) if kind == schedule.OVERDUE else 0,
         }
@@ -587,6 +589,18 @@ class Engine:
             attachments=attachments,
         )
         return Composed(raw, rendered.subject, recipients)
+
+    def _missing_items(self, campaign: Campaign, keys: Sequence[str]) -> list[dict[str, str]]:
+        """The template's list of missing rows; most delegations miss the same rows, so it is built once."""
+        cache_key = (campaign.id, tuple(keys))
+        items = self._missing_cache.get(cache_key)
+        if items is None:
+            labels = self._labels(campaign)
+            items = [{"key": key, "label": labels.get(key, "")} for key in keys]
+            if len(self._missing_cache) > MISSING_CACHE_SIZE:
+                self._missing_cache.clear()
+            self._missing_cache[cache_key] = items
+        return items
 
     def _labels(self, campaign: Campaign) -> Mapping[str, str]:
         """Each row's label (its action text), by key: built once per campaign."""

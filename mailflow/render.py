@@ -304,6 +304,7 @@ class Renderer:
             trim_blocks=True,
             lstrip_blocks=True,
             finalize=finalize,
+            auto_reload=False,  # templates do not change under a running process: skip the per-render stat
         )
         env.filters["date_text"] = format_date
         env.filters["datetime_text"] = _datetime_text_filter

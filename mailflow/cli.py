@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -14,13 +15,17 @@ from pathlib import Path
 from mailflow import __version__
 from mailflow.checks import load_checked_config
 from mailflow.clock import FixedClock, SystemClock
-from mailflow.config import Config
+from mailflow.config import Config, Delegation
+from mailflow.consolidate import consolidated_workbook, write_consolidated
 from mailflow.engine import Engine
 from mailflow.errors import ConfigError, MailflowError, UsageError
+from mailflow.history import export_csv, export_json, format_timeline, history_rows, timeline
 from mailflow.intake import looks_like_workbook
+from mailflow.lock import InstanceLock
 from mailflow.mailbox import ImapMailbox, Mailbox, MaildirMailbox
 from mailflow.report import format_inspection, format_status_table
 from mailflow.sender import LocalTransport, SmtpTransport, Transport
+from mailflow.service import run_service
 from mailflow.store import Store
 
 DEFAULT_CONFIG = "mailflow.yaml"
@@ -43,10 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     tick = commands.add_parser("tick", help="one full pass: send everything that is due")
     tick.add_argument("--now", help="the instant of the pass, ISO 8601 (default: the system clock)")
 
+    commands.add_parser("run", help="the always-on service: send when due, answer replies at once; stop with SIGTERM")
+
     status = commands.add_parser("status", help="where every delegation stands")
     status.add_argument("--campaign", help="only this campaign")
     status.add_argument("--json", action="store_true", help="JSON for scripts")
     status.add_argument("--now", help="as of this instant, ISO 8601 (default: the system clock)")
+    status.add_argument("--delegation", help="one delegation's timeline: every email in and out, every change")
+
+    history = commands.add_parser("history", help="export the whole audit trail of a campaign")
+    history.add_argument("--campaign", help="the campaign (needed when there are several)")
+    history.add_argument("--format", choices=("csv", "json"), default="csv", help="csv (default) or json")
+    history.add_argument("--output", metavar="PATH", help="write to PATH instead of standard output")
+
+    consolidate = commands.add_parser("consolidate", help="the master workbook with every delegation's answers")
+    consolidate.add_argument("--campaign", help="the campaign (needed when there are several)")
+    consolidate.add_argument("--output", required=True, metavar="PATH", help="the .xlsx file to write")
+    consolidate.add_argument("--now", help="as of this instant, for the overdue column (default: the system clock)")
 
     inspect = commands.add_parser("inspect", help="dry run for one received .eml (or a bare workbook)")
     inspect.add_argument("file", help="an .eml file, or a workbook (.xlsx, .xlsm, .xls, .ods)")
@@ -103,7 +121,9 @@ def _setup_logging(level: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Commands that send nothing need not render every template to check them.
-    config = load_checked_config(_config_path(args), templates=args.command in ("check-config", "tick", "preview"))
+    config = load_checked_config(
+        _config_path(args), templates=args.command in ("check-config", "tick", "run", "preview")
+    )
     _setup_logging("DEBUG" if args.verbose or args.debug else config.log_level)
     if args.command == "check-config":
         campaigns = ", ".join(c.id for c in config.campaigns) or "none"
@@ -111,9 +131,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "inspect":
         return _inspect(config, Path(args.file), as_json=args.json, campaign=args.campaign)
+    if args.command == "run":
+        return run_service(config, transport=make_transport(config), mailbox=make_mailbox(config))
     now_arg = parse_now(getattr(args, "now", None), config)
     clock = FixedClock(now_arg) if now_arg else SystemClock()
-    with Store.open(config.store) as store:
+    # A tick reads the inbox and sends: never alongside `run` or another tick on the same store.
+    tick_lock = InstanceLock(config.store, command="tick") if args.command == "tick" else contextlib.nullcontext()
+    with tick_lock, Store.open(config.store) as store:
         mailbox = make_mailbox(config) if args.command == "tick" else None
         engine = Engine(config, store, make_transport(config), clock, mailbox=mailbox)
         now = clock.now()
@@ -132,6 +156,23 @@ def run(args: argparse.Namespace) -> int:
             )
             inbox_failed = report.inbox is not None and (report.inbox.error or report.inbox.failed)
             return 1 if report.failed or report.compose_errors or inbox_failed else 0
+        if args.command == "status" and args.delegation:
+            delegation = _delegation(config, args.delegation)
+            entries = timeline(store, args.campaign, delegation.id)
+            print(format_timeline(entries, config.secretariat.tz, title=f"{delegation.name} ({delegation.id})"))
+            return 0
+        if args.command == "history":
+            campaign = engine.pick_campaign(args.campaign)
+            rows = history_rows(store, config, campaign.id)
+            text = export_csv(rows) if args.format == "csv" else export_json(rows, campaign=campaign.id)
+            _emit(text, args.output)
+            return 0
+        if args.command == "consolidate":
+            campaign = engine.pick_campaign(args.campaign)
+            data = consolidated_workbook(config, store, campaign, engine.layout(campaign), now=now)
+            write_consolidated(Path(args.output), data, config=config)
+            print(f"wrote {Path(args.output).resolve()} ({len(campaign.delegations)} delegations)")
+            return 0
         if args.command == "status":
             statuses = engine.status(now, args.campaign)
             if args.json:
@@ -146,6 +187,24 @@ def run(args: argparse.Namespace) -> int:
             print(_preview_text(message, html=args.html))
             return 0
     raise UsageError(f"unknown command {args.command!r}")
+
+
+def _delegation(config: Config, ident: str) -> Delegation:
+    try:
+        return config.delegation(ident)
+    except KeyError:
+        known = ", ".join(d.id for d in config.delegations)
+        raise UsageError(f"unknown delegation {ident!r} (known: {known})") from None
+
+
+def _emit(text: str, output: str | None) -> None:
+    """Print, or write to a file (CSV line endings kept as written)."""
+    if output is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
+    with open(output, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+    print(f"wrote {Path(output).resolve()}", file=sys.stderr)
 
 
 def _inspect(config: Config, path: Path, *, as_json: bool, campaign: str | None) -> int:

@@ -9,21 +9,19 @@ the :class:`Config` produced here.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from functools import cache, cached_property
 from pathlib import Path
-from time import perf_counter
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from mailflow.cache import cached
 from mailflow.errors import ConfigError
 
 LANGUAGES = ("es", "en")
@@ -42,6 +40,7 @@ DEFAULT_RETRY_BASE_SECONDS = 300
 DEFAULT_RETRY_MAX_SECONDS = 6 * 3600
 DEFAULT_LOCAL_OUTBOX = "outbox"
 DEFAULT_LOCAL_INBOX = "inbox"
+DEFAULT_INBOX_STALE_SECONDS = 2 * 3600
 DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
 DEFAULT_MAX_ATTACHMENT_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_UNCOMPRESSED_BYTES = 200 * 1024 * 1024
@@ -135,6 +134,9 @@ class DigestSettings:
 
     to: tuple[str, ...]
     schedule: str
+    inbox_stale_after_seconds: int = DEFAULT_INBOX_STALE_SECONDS  # warn when the inbox was not read for longer
+    when_closed: bool = False  # also send when no campaign is open (not yet opened, or closed)
+    attach_workbook: bool = True  # attach each open campaign's consolidated workbook
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ class Campaign:
     sheet: str | None = None
     attachment_name: Mapping[str, str] = field(default_factory=dict)
     titles: Mapping[str, str] = field(default_factory=dict)  # per language, when given as {es: ..., en: ...}
+    closes: date | None = None  # after this day (secretariat time) the campaign is closed: no more emails
 
     def title_in(self, language: str) -> str:
         """The title in a delegation's language, falling back to the main title."""
@@ -292,11 +295,9 @@ def parse_duration(text: str, units: str = "dhm") -> timedelta:
 
 def validate_cron(expression: str, timezone: str) -> None:
     """Raise ValueError when ``expression`` is not a 5-field crontab line."""
-    from apscheduler.triggers.cron import CronTrigger
+    from mailflow.cron import cron_trigger
 
-    if len(str(expression).split()) != 5:
-        raise ValueError(f"{expression!r} is not a cron expression (5 fields: minute hour day month weekday)")
-    CronTrigger.from_crontab(str(expression), timezone=ZoneInfo(timezone))
+    cron_trigger(expression, zone(timezone))
 
 
 def substitute_env(value: Any, environ: Mapping[str, str], path: KeyPath, missing: list[KeyPath]) -> Any:
@@ -558,7 +559,7 @@ _TOP_KEYS = (
     "log_level",
 )
 _SECRETARIAT_KEYS = ("name", "address", "timezone", "language", "digest")
-_DIGEST_KEYS = ("to", "schedule")
+_DIGEST_KEYS = ("to", "schedule", "inbox_stale_after", "when_closed", "attach_workbook")
 _MAIL_KEYS = ("transport", "smtp", "imap", "local", "rate_per_minute", "retry")
 _AUTH_KEYS = ("username", "password", "oauth2_token_command", "ca_file")
 _SMTP_KEYS = ("host", "port", "security", "timeout", *_AUTH_KEYS)
@@ -588,6 +589,7 @@ _CAMPAIGN_KEYS = (
     "fill_column",
     "opens",
     "deadline",
+    "closes",
     "send_time",
     "reminders",
     "overdue",
@@ -620,87 +622,33 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read the configuration: {exc}"]) from None
     environ = os.environ if environ is None else environ
-    cache = _ConfigCache(path, text, environ)
-    cached = cache.load()
-    if cached is not None:
-        return cached
-    started = perf_counter()
-    config = parse_config(text, path, environ)
-    if perf_counter() - started >= CACHE_WHEN_SLOWER_THAN_SECONDS:
-        cache.save(config)
-    return config
+    resolved = str(path.resolve())
+    used = sorted(set(ENV_RE.findall(text)))
+    return cached(
+        "config",
+        (resolved, text, [(name, environ.get(name)) for name, _ in used]),
+        _dependencies,
+        lambda: parse_config(text, path, environ),
+        environ=environ,
+        min_seconds=CACHE_WHEN_SLOWER_THAN_SECONDS,
+        slot=resolved,  # one entry per configuration file: an edited file replaces its entry
+        expect=Config,
+    )
 
 
+# A validated configuration is kept between runs (mailflow.cache) when it took
+# at least this long to validate: keyed by the file's text, the environment
+# variables it uses and mailflow's version, and checked against the files it
+# names (workbooks, template folder: size and modification time), so any
+# change invalidates it. It lives in $MAILFLOW_CACHE ("off" disables it), else
+# $XDG_CACHE_HOME/mailflow or ~/.cache/mailflow.
 CACHE_WHEN_SLOWER_THAN_SECONDS = 0.15
 
 
-class _ConfigCache:
-    """A validated configuration kept between runs, for configurations large enough to be slow to validate.
-
-    Keyed by the file's bytes, the environment variables it uses, mailflow's version and the files it
-    names (workbooks, template folder: path, size and modification time), so any change invalidates it.
-    Lives in ``$MAILFLOW_CACHE`` (``off`` disables it), else ``$XDG_CACHE_HOME/mailflow`` or ``~/.cache/mailflow``.
-    """
-
-    def __init__(self, path: Path, text: str, environ: Mapping[str, str]) -> None:
-        from mailflow import __version__
-
-        self.folder = _cache_folder(environ)
-        used = sorted(set(ENV_RE.findall(text)))
-        material = repr((__version__, str(path.resolve()), text, [(n, environ.get(n)) for n, _ in used]))
-        self.key = hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()
-        name = hashlib.sha256(str(path.resolve()).encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        self.file = self.folder / f"{name}.pickle" if self.folder else None
-
-    def load(self) -> Config | None:
-        if self.file is None or not self.file.is_file():
-            return None
-        try:
-            with self.file.open("rb") as handle:
-                key, stamps, config = pickle.load(handle)
-        except Exception:
-            return None
-        if key != self.key or not isinstance(config, Config) or stamps != _stamps(config):
-            return None
-        return config
-
-    def save(self, config: Config) -> None:
-        if self.file is None:
-            return
-        try:
-            self.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            temporary = self.file.with_suffix(f".{os.getpid()}.tmp")
-            with temporary.open("wb") as handle:
-                pickle.dump((self.key, _stamps(config), config), handle, protocol=pickle.HIGHEST_PROTOCOL)
-            temporary.replace(self.file)
-        except OSError:
-            return
-
-
-def _cache_folder(environ: Mapping[str, str]) -> Path | None:
-    chosen = environ.get("MAILFLOW_CACHE")
-    if chosen is not None:
-        return None if chosen.strip().lower() in ("", "off", "0", "no") else Path(chosen)
-    base = environ.get("XDG_CACHE_HOME")
-    if not base:
-        try:
-            base = str(Path.home() / ".cache")
-        except RuntimeError:  # no home folder: no cache
-            return None
-    return Path(base) / "mailflow"
-
-
-def _stamps(config: Config) -> list[tuple[str, int, int]]:
-    """Size and modification time of every file the configuration names."""
+def _dependencies(config: Config) -> list[Path]:
+    """The files a validated configuration depends on besides its own text: workbooks, template folder, this module."""
     paths = [c.workbook for c in config.campaigns] + ([config.templates] if config.templates else [])
-    out: list[tuple[str, int, int]] = []
-    for path in paths:
-        try:
-            info = path.stat()
-            out.append((str(path), info.st_size, info.st_mtime_ns))
-        except OSError:
-            out.append((str(path), -1, -1))
-    return out
+    return [*paths, Path(__file__)]
 
 
 def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
@@ -796,8 +744,15 @@ def _secretariat(problems: _Problems, data: Any) -> Secretariat | None:
             except ValueError as exc:
                 problems.add(path + ("digest", "schedule"), f"bad cron expression: {exc}")
                 schedule = None
+        stale = _duration_seconds(problems, d, "inbox_stale_after", DEFAULT_INBOX_STALE_SECONDS)
         if to and schedule:
-            digest = DigestSettings(to=to, schedule=schedule)
+            digest = DigestSettings(
+                to=to,
+                schedule=schedule,
+                inbox_stale_after_seconds=stale,
+                when_closed=d.boolean("when_closed", False),
+                attach_workbook=d.boolean("attach_workbook", True),
+            )
     if not (name and address and timezone):
         return None
     return Secretariat(name=name, address=address, timezone=timezone, language=language, digest=digest)
@@ -1028,6 +983,7 @@ def _campaigns(
                 "the deadline must be on or after the day requests go out",
             )
             deadline = None
+        closes = _closes(problems, r, deadline)
         send_time = _send_time(problems, r)
         reminders = _reminders(problems, r)
         overdue = _overdue(problems, r)
@@ -1066,6 +1022,7 @@ def _campaigns(
                     sheet=r.string("sheet"),
                     attachment_name=attachment_name,
                     titles=titles,
+                    closes=closes,
                 )
             )
     return out
@@ -1110,6 +1067,22 @@ def _deadline(problems: _Problems, r: _Reader) -> date | None:
     except ValueError:
         problems.add(key, f"{value!r} is not a date (e.g. 2017-10-23)")
         return None
+
+
+def _closes(problems: _Problems, r: _Reader, deadline: date | None) -> date | None:
+    value = r.raw("closes")
+    if value is None:
+        return None
+    key = (*r.path, "closes")
+    try:
+        day = value if isinstance(value, date) and not isinstance(value, datetime) else date.fromisoformat(str(value))
+    except ValueError:
+        problems.add(key, f"{value!r} is not a date (e.g. 2017-11-30)")
+        return None
+    if deadline is not None and day < deadline:
+        problems.add(key, f"closes {day.isoformat()} is before the deadline {deadline.isoformat()}")
+        return None
+    return day
 
 
 def _send_time(problems: _Problems, r: _Reader) -> time | None:

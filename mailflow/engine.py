@@ -60,6 +60,7 @@ DEFAULT_ATTACHMENT_NAMES = {"es": "{campaign} - {delegation}.xlsx", "en": "{camp
 
 COMPOSE_BATCH = 100
 MISSING_CACHE_SIZE = 256
+DIGEST = "digest"
 
 
 @dataclass(frozen=True)
@@ -214,8 +215,12 @@ class Engine:
         """Record in the outbox every email that is due at ``now`` (and the slots it supersedes)."""
         report = report or TickReport()
         # One transaction for the whole plan: nothing is sent here, so it is all or nothing, and fast.
+        tz = self.config.secretariat.tz
         with self.store.transaction():
             for campaign in self.config.campaigns:
+                end = schedule.closes_at(campaign, tz)
+                if end is not None and now >= end:
+                    continue  # closed: no more requests, reminders or overdue notices
                 recorded = self.store.outbox_slots(campaign.id)
                 states = self.store.states(campaign.id)
                 request_sent = self.store.request_sent_at(campaign.id)
@@ -230,7 +235,40 @@ class Engine:
                     )
                     if decision.due or decision.superseded:
                         self._record_decision(campaign, delegation, decision, state, now, report)
+            self._plan_digest(now, report)
         return report
+
+    def open_campaigns(self, now: datetime) -> list[Campaign]:
+        tz = self.config.secretariat.tz
+        return [c for c in self.config.campaigns if schedule.is_open(c, tz, now)]
+
+    def _plan_digest(self, now: datetime, report: TickReport) -> None:
+        """The digest of the latest cron slot not yet sent: once, however many slots were missed."""
+        digest = self.config.secretariat.digest
+        open_now = self.open_campaigns(now)
+        if digest is None or (not digest.when_closed and not open_now):
+            return
+        after = self.store.last_slot_of_kind(DIGEST)
+        if open_now and not digest.when_closed:
+            # No digest for a slot before the first campaign opened.
+            first_open = min(c.opens for c in open_now).astimezone(UTC) - timedelta(seconds=1)
+            after = max(after, first_open) if after else first_open
+        slot = schedule.latest_cron_slot(digest.schedule, self.config.secretariat.tz, now, after)
+        if slot is None:
+            return
+        key = slot.isoformat()
+        outbox_id = self.store.add_outbox(
+            campaign="",
+            delegation="",
+            kind=DIGEST,
+            slot=key,
+            message_id=make_message_id(self.config.secretariat.domain, DIGEST, key),
+            status=OutboxStatus.PENDING,
+            scheduled_at=slot,
+            created_at=now,
+        )
+        if outbox_id is not None:
+            report.planned += 1
 
     def _record_decision(
         self,
@@ -526,7 +564,9 @@ class Engine:
         now: datetime,
         inbound_id: int | None = None,
     ) -> Composed:
-        """Render one email to a delegation: a campaign email or a follow-up to one of its messages."""
+        """Render one email: to a delegation (a campaign email or a follow-up), or the Secretariat's digest."""
+        if kind == DIGEST:
+            return self._compose_digest(message_id, now)
         if kind not in CAMPAIGN_KINDS and kind not in FOLLOW_UP_KINDS:
             known = ", ".join((*CAMPAIGN_KINDS, *FOLLOW_UP_KINDS))
             raise UsageError(f"unknown email kind {kind!r}; expected one of {known}")
@@ -586,6 +626,49 @@ class Engine:
             message_id=message_id,
             date=now,
             headers=headers,
+            attachments=attachments,
+        )
+        return Composed(raw, rendered.subject, recipients)
+
+    def _compose_digest(self, message_id: str, now: datetime) -> Composed:
+        """The status digest for the Secretariat, with each open campaign's consolidated workbook."""
+        from mailflow.consolidate import consolidated_workbook
+        from mailflow.digest import digest_context
+
+        digest = self.config.secretariat.digest
+        if digest is None:
+            raise UsageError("no secretariat.digest is configured")
+        secretariat = self.config.secretariat
+        campaigns = self.open_campaigns(now) if not digest.when_closed else list(self.config.campaigns)
+        statuses = [s for s in self.status(now) if any(c.id == s.id for c in campaigns)]
+        context = digest_context(
+            self.config,
+            self.store,
+            statuses,
+            now=now,
+            since=self.store.last_sent_of_kind(DIGEST),
+            language=secretariat.language,
+            inbox_stale_after=timedelta(seconds=digest.inbox_stale_after_seconds),
+        )
+        rendered = self.renderer.render(DIGEST, secretariat.language, context)
+        attachments = []
+        if digest.attach_workbook:
+            for campaign in campaigns:
+                data = consolidated_workbook(
+                    self.config, self.store, campaign, self.layout(campaign), language=secretariat.language, now=now
+                )
+                suffix = "consolidado" if secretariat.language == "es" else "consolidated"
+                attachments.append(Attachment(f"{campaign.workbook.stem} - {suffix}.xlsx", data))
+        recipients = list(digest.to)
+        raw = build_message_bytes(
+            rendered=rendered,
+            from_name=secretariat.name,
+            from_address=secretariat.address,
+            to=recipients,
+            reply_to=secretariat.address,
+            message_id=message_id,
+            date=now,
+            headers={"X-Mailflow-Kind": DIGEST},
             attachments=attachments,
         )
         return Composed(raw, rendered.subject, recipients)
@@ -655,7 +738,7 @@ class Engine:
 
     def preview(self, kind: str, delegation_id: str, campaign_id: str | None, now: datetime) -> EmailMessage:
         """The email ``kind`` as it would be sent to a delegation at ``now``; nothing is recorded."""
-        campaign = self._pick_campaign(campaign_id)
+        campaign = self.pick_campaign(campaign_id)
         if delegation_id not in campaign.delegations:
             known = ", ".join(campaign.delegations)
             raise UsageError(f"delegation {delegation_id!r} is not in campaign {campaign.id} (known: {known})")
@@ -668,7 +751,7 @@ class Engine:
         message_id = self._message_id(campaign, delegation, slot_key)
         return self.compose(campaign.id, delegation_id, kind, scheduled_at, message_id, now)
 
-    def _pick_campaign(self, campaign_id: str | None) -> Campaign:
+    def pick_campaign(self, campaign_id: str | None) -> Campaign:
         if campaign_id is None:
             if len(self.config.campaigns) == 1:
                 return self.config.campaigns[0]
@@ -684,7 +767,7 @@ class Engine:
 
     def status(self, now: datetime, campaign_id: str | None = None) -> list[CampaignStatus]:
         """Where every delegation stands at ``now``."""
-        campaigns: Iterable[Campaign] = [self._pick_campaign(campaign_id)] if campaign_id else self.config.campaigns
+        campaigns: Iterable[Campaign] = [self.pick_campaign(campaign_id)] if campaign_id else self.config.campaigns
         refusals = self.store.refusals()
         out: list[CampaignStatus] = []
         for campaign in campaigns:

@@ -25,7 +25,7 @@ import traceback
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from email import policy as email_policy
 from email.errors import HeaderParseError
 from email.headerregistry import Address
@@ -49,7 +49,13 @@ CAMPAIGN_KINDS = ("request", "reminder", "overdue")
 FOLLOW_UP_KINDS = ("receipt", "missing", "unreadable")
 """Emails sent in answer to a delegation's reply (threaded, ``Re: <their subject>``)."""
 
-KINDS_WITH_TEMPLATES = CAMPAIGN_KINDS + FOLLOW_UP_KINDS
+DELEGATION_KINDS = CAMPAIGN_KINDS + FOLLOW_UP_KINDS
+"""Emails to a delegation: their context is a campaign email's (see :func:`example_context`)."""
+
+SECRETARIAT_KINDS = ("digest",)
+"""Emails to the Secretariat itself: the status digest (context from :func:`mailflow.digest.digest_context`)."""
+
+KINDS_WITH_TEMPLATES = DELEGATION_KINDS + SECRETARIAT_KINDS
 """Kinds of email that have a subject, text and HTML template in every language."""
 
 FOLLOW_UP_CONTEXT_KEYS = (
@@ -501,7 +507,12 @@ def example_context(kind: str, language: str) -> dict[str, Any]:
     * ``unreadable`` (list of ``{filename, reason}``): attachments that could not
       be read, with a reason already written for the reader;
     * ``deadline_passed`` (bool).
+
+    The digest (:data:`SECRETARIAT_KINDS`) gets its own context instead, the
+    shape :func:`mailflow.digest.digest_context` documents (see :func:`_example_digest`).
     """
+    if kind in SECRETARIAT_KINDS:
+        return _example_digest(language)
     name = "Honduras"
     deadline = date(2017, 10, 23)
     missing = [{"key": f"{line}.{n}", "label": f"Action {line}.{n}"} for line in range(1, 5) for n in range(1, 6)]
@@ -547,14 +558,268 @@ def example_context(kind: str, language: str) -> dict[str, Any]:
     return context
 
 
+_EXAMPLE_DIGEST_WORDS = {
+    "es": {
+        "complete": "completo",
+        "partial": "parcial",
+        "awaiting": "en espera",
+        "not_sent": "no enviado",
+        "title": "Columna «Responsable» del Plan Estratégico 2017-2022",
+        "warning": (
+            "La bandeja de entrada no se ha leído desde el {last} (hace 1 día; se espera al menos cada 2 h). "
+            "Es posible que el servicio que vigila la bandeja se haya detenido: las respuestas de las "
+            "delegaciones no se están leyendo ni registrando. Revise el servicio mailflow."
+        ),
+        "held": "Respuesta retenida: remitente no verificado",
+        "unreadable": "Archivo ilegible",
+        "bounce": "Rebote: el correo no llegó",
+        "row_changes": "1 cambio fuera de la columna «Responsible»",
+        "note": "1 respuesta retenida para revisión",
+    },
+    "en": {
+        "complete": "complete",
+        "partial": "partial",
+        "awaiting": "awaiting reply",
+        "not_sent": "not sent",
+        "title": "Responsible column of the Strategic Plan 2017-2022",
+        "warning": (
+            "The inbox has not been read since {last} (1 day ago; expected at least every 2 h). "
+            "The service that watches the inbox may have stopped: replies from delegations are not being "
+            "read or recorded. Check the mailflow service."
+        ),
+        "held": "Reply held: sender not verified",
+        "unreadable": "Unreadable file",
+        "bounce": "Bounce: the email was not delivered",
+        "row_changes": "1 change outside the “Responsible” column",
+        "note": "1 reply held for review",
+    },
+}
+_EXAMPLE_DIGEST_DELEGATIONS = (
+    ("BZ", "Belize", 0),
+    ("CA", "Canada", 40),
+    ("CR", "Costa Rica", 40),
+    ("DO", "República Dominicana", 12),
+    ("SV", "El Salvador", 0),
+    ("GT", "Guatemala", 25),
+    ("HN", "Honduras", 40),
+    ("MX", "México", 40),
+    ("NI", "Nicaragua", 39),
+    ("PA", "Panamá", 1),
+    ("US", "United States", 40),
+)
+
+
+def _example_digest(language: str) -> dict[str, Any]:
+    """A digest of a campaign a day after its deadline, with the inbox unread for a day: every section filled."""
+    words = _EXAMPLE_DIGEST_WORDS.get(language, _EXAMPLE_DIGEST_WORDS["en"])
+    tz = ZoneInfo("America/Costa_Rica")
+    now = datetime(2017, 10, 24, 14, 0, tzinfo=UTC)
+    read = datetime(2017, 10, 23, 14, 0, tzinfo=UTC)
+    total = 40
+    rows: list[dict[str, Any]] = []
+    for index, (code, name, filled) in enumerate(_EXAMPLE_DIGEST_DELEGATIONS):
+        state = "complete" if filled == total else "partial" if filled else "awaiting" if index else "not_sent"
+        percent = 100 if filled == total else min(max(filled * 100 // total, 1 if filled else 0), 99)
+        color = "#2e7d32" if state == "complete" else "#c2410c"
+        rows.append(
+            {
+                "id": code,
+                "name": name,
+                "state": state,
+                "state_text": words[state],
+                "overdue": state != "complete",
+                "overdue_days": 0 if state == "complete" else 1,
+                "filled": filled,
+                "total": total,
+                "percent": percent,
+                "bar": [
+                    c
+                    for c in ({"width": percent, "color": color}, {"width": 100 - percent, "color": "#e5e7eb"})
+                    if c["width"]
+                ],
+                "bar_text": "[" + "#" * (percent // 10) + "-" * (10 - percent // 10) + "]",
+                "last_reply_text": format_datetime(read, tz, language) if filled else None,
+                "next_reminder_text": None if state == "complete" else format_datetime(now, tz, language),
+                "notes": [words["note"]] if code == "DO" else [],
+            }
+        )
+    counts = {
+        "complete": sum(1 for row in rows if row["state"] == "complete"),
+        "partial": sum(1 for row in rows if row["state"] == "partial"),
+        "awaiting": sum(1 for row in rows if row["state"] == "awaiting"),
+        "not_sent": sum(1 for row in rows if row["state"] == "not_sent"),
+        "overdue": sum(1 for row in rows if row["overdue"]),
+    }
+    when = format_datetime(read, tz, language)
+    attention_item = {
+        "delegation": "República Dominicana",
+        "delegation_id": "DO",
+        "campaign_id": "responsible-2017",
+        "detail": "asistente@otra.example.do: “Plan”. asistente@otra.example.do is not a listed contact",
+        "lines": [],
+        "when_text": when,
+        "new": True,
+    }
+    return {
+        "kind": "digest",
+        "secretariat": {"name": "Technical Secretariat of the RCM", "address": "ts@example.org"},
+        "language": language,
+        "timezone": tz.key,
+        "generated_at_text": format_datetime(now, tz, language),
+        "generated_on_text": format_date(now.astimezone(tz).date(), language),
+        "since_text": format_datetime(now - timedelta(days=1), tz, language),
+        "first_digest": False,
+        "health": {
+            "last_inbox_read_at_text": when,
+            "read_ago_text": "1 día" if language == "es" else "1 day",
+            "inbox_stale": True,
+            "stale_for_text": "1 día" if language == "es" else "1 day",
+            "stale_after_text": "2 h",
+            "last_sent_at_text": when,
+            "last_send_pass_at_text": when,
+            "service_stopped_at_text": None,
+            "warning": words["warning"].format(last=when),
+        },
+        "campaigns": [
+            {
+                "id": "responsible-2017",
+                "title": words["title"],
+                "deadline_text": format_date(date(2017, 10, 23), language),
+                "complete_count": counts["complete"],
+                "total_delegations": len(rows),
+                "counts": counts,
+                "rows": rows,
+            }
+        ],
+        "changes": [
+            {
+                "id": "responsible-2017",
+                "title": words["title"],
+                "delegations": [
+                    {
+                        "id": "GT",
+                        "name": "Guatemala",
+                        "state_text": words["partial"],
+                        "replies": [
+                            {
+                                "at_text": when,
+                                "from_address": "enlace@minex.example.gt",
+                                "subject": "RE: Plan",
+                                "recorded": 2,
+                            }
+                        ],
+                        "more_replies": 0,
+                        "answers": [
+                            {"key": "1.1", "value": "Ministerio de Relaciones Exteriores", "previous": None},
+                            {"key": "1.2", "value": "Secretaría de Bienestar Social", "previous": "PGN"},
+                        ],
+                        "more_answers": 0,
+                    }
+                ],
+            }
+        ],
+        "attention": [
+            {**attention_item, "kind": "held", "what": words["held"]},
+            {
+                **attention_item,
+                "kind": "unreadable",
+                "delegation": "El Salvador",
+                "delegation_id": "SV",
+                "what": words["unreadable"],
+                "detail": "Plan.xlsx: the file is damaged and cannot be opened",
+            },
+            {
+                **attention_item,
+                "kind": "bounce",
+                "delegation": "Belize",
+                "delegation_id": "BZ",
+                "campaign_id": "",
+                "what": words["bounce"],
+                "detail": "liaison@immigration.example.bz: 5.1.1 User unknown",
+            },
+            {
+                **attention_item,
+                "kind": "row_changes",
+                "delegation": "Honduras",
+                "delegation_id": "HN",
+                "what": words["row_changes"],
+                "detail": f"{when}: not applied.",
+                "lines": ["1.2, Action: «Ensure…» → «Guarantee…»"],
+            },
+        ],
+        "attention_more": 0,
+        "totals": {"delegations": len(rows), **counts},
+    }
+
+
+def _digest_variants(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The example digest, the first one with nothing to report and the inbox never read, and one cut short."""
+    health = base["health"]
+    never = {
+        **base,
+        "since_text": None,
+        "first_digest": True,
+        "health": {
+            **health,
+            "last_inbox_read_at_text": None,
+            "read_ago_text": None,
+            "stale_for_text": None,
+            "last_sent_at_text": None,
+            "last_send_pass_at_text": None,
+            "service_stopped_at_text": health["last_sent_at_text"],
+        },
+        "changes": [],
+        "attention": [],
+        "totals": {**base["totals"], "complete": 0},
+    }
+    fresh_health = {**health, "inbox_stale": False, "stale_for_text": None, "warning": None}
+    [campaign] = base["campaigns"]
+    [changed] = base["changes"]
+    [delegation] = changed["delegations"]
+    cut = {
+        **base,
+        "health": fresh_health,
+        "campaigns": [
+            {
+                **campaign,
+                "rows": [
+                    {**row, "notes": ["bouncing contact: enlace@example.org", "no contact receives email"]}
+                    for row in campaign["rows"]
+                ],
+            }
+        ],
+        "changes": [
+            {
+                **changed,
+                "delegations": [
+                    {
+                        **delegation,
+                        "replies": [{**delegation["replies"][0], "recorded": 0}],
+                        "more_replies": 3,
+                        "answers": delegation["answers"][:1],
+                        "more_answers": 12,
+                    }
+                ],
+            }
+        ],
+        "attention": [{**item, "new": False} for item in base["attention"]],
+        "attention_more": 7,
+    }
+    return [base, never, cut]
+
+
 def _check_contexts(kind: str, language: str) -> list[dict[str, Any]]:
     """The contexts :meth:`Renderer.check` renders ``kind`` with.
 
     The example, and for a follow-up three variants that between them take every
     branch of the built-in templates: lists over the limit, single items with the
-    deadline passed, and everything empty (no subject, nothing recorded yet).
+    deadline passed, and everything empty (no subject, nothing recorded yet). A
+    digest is also rendered as the first one with the inbox never read and
+    nothing to report, and with every list cut short ("and N more").
     """
     base = example_context(kind, language)
+    if kind in SECRETARIAT_KINDS:
+        return _digest_variants(base)
     if kind not in FOLLOW_UP_KINDS:
         return [base]
     over = MISSING_LIST_LIMIT + 2

@@ -41,9 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn, cast
 from xml.parsers import expat
 
-import defusedxml.ElementTree as defused_et  # type: ignore[import-untyped]
 import python_calamine
-from defusedxml import DefusedXmlException
 
 from mailflow.workbook import (
     FINGERPRINT_SHEET,
@@ -52,6 +50,7 @@ from mailflow.workbook import (
     Fingerprint,
     Grid,
     MasterLayout,
+    _archive_fingerprint,
     _HeaderMatch,
     _parse_fingerprint,
     _safe_parser,
@@ -60,7 +59,6 @@ from mailflow.workbook import (
     cell_text,
     find_column,
     normalize_header,
-    read_fingerprint,
 )
 
 __all__ = [
@@ -200,6 +198,7 @@ class _Verdict(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.format: str | None = None  # what preflight's sniff said, when the verdict is preflight's
 
 
 def _refuse(status: str, reason: str) -> NoReturn:
@@ -238,15 +237,47 @@ def sniff_format(data: bytes, filename: str) -> str:
     password-protected .xlsx), ``unknown`` otherwise. Cheap and never raises:
     only the zip central directory or the OLE2 directory is read."""
     del filename  # the content decides; the name only matters to preflight
+    if data.startswith((_ZIP_MAGIC, _EMPTY_ZIP_MAGIC)):
+        with _OpenZip(data) as opened:
+            return _sniff(data, opened.archive)
+    return _sniff(data, None)
+
+
+def _sniff(data: bytes, archive: zipfile.ZipFile | None) -> str:
+    """:func:`sniff_format`, given the zip package ``data`` opens as (None if it opens as none)."""
     try:
-        if data.startswith((_ZIP_MAGIC, _EMPTY_ZIP_MAGIC)):
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                return _zip_format(archive)
+        if archive is not None:
+            return _zip_format(archive)
         if data.startswith(_OLE_MAGIC):
             return _ole_format(data)
     except Exception:
         return FORMAT_UNKNOWN
     return FORMAT_UNKNOWN
+
+
+class _OpenZip:
+    """A zip package's directory, read once and shared by every step that needs it.
+
+    ``archive`` is None when the bytes do not open as a zip package, with
+    ``error`` saying why."""
+
+    def __init__(self, data: bytes) -> None:
+        self.archive: zipfile.ZipFile | None = None
+        self.error: Exception | None = None
+        try:
+            self.archive = zipfile.ZipFile(io.BytesIO(data))
+        except Exception as exc:
+            self.error = exc
+
+    def close(self) -> None:
+        if self.archive is not None:
+            self.archive.close()
+
+    def __enter__(self) -> _OpenZip:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 def _zip_format(archive: zipfile.ZipFile) -> str:
@@ -297,10 +328,16 @@ def _ole_format(data: bytes) -> str:
 
 @dataclass
 class _Inspection:
-    """What preflight learnt that reading needs: the format and, for ODS, merged ranges by sheet."""
+    """What preflight learnt that reading needs: the format, for ODS merged ranges by sheet, and for
+    a zip package its directory (read once: the fingerprint is then read from the same directory)."""
 
     format: str
     ods_merges: dict[str, list[tuple[tuple[int, int], tuple[int, int]]]] = field(default_factory=dict)
+    archive: zipfile.ZipFile | None = None
+
+    def close(self) -> None:
+        if self.archive is not None:
+            self.archive.close()
 
 
 def preflight(data: bytes, filename: str, limits: ReturnLimits) -> tuple[str, str | None]:
@@ -314,7 +351,7 @@ def preflight(data: bytes, filename: str, limits: ReturnLimits) -> tuple[str, st
     bounded: zip members are decompressed as streams under caps and never
     held whole."""
     try:
-        _inspect(data, filename, limits)
+        _inspect(data, filename, limits).close()
     except _Verdict as verdict:
         return verdict.status, verdict.reason
     except Exception as exc:
@@ -330,7 +367,20 @@ def _unexpected(exc: BaseException) -> str:
 
 
 def _inspect(data: bytes, filename: str, limits: ReturnLimits) -> _Inspection:
-    fmt = sniff_format(data, filename)
+    """Preflight's checks; the result holds the zip directory open (close it). A verdict carries the format."""
+    opened = _OpenZip(data) if data.startswith((_ZIP_MAGIC, _EMPTY_ZIP_MAGIC)) else None
+    fmt = _sniff(data, opened.archive if opened is not None else None)
+    try:
+        return _inspect_format(data, filename, limits, fmt, opened)
+    except BaseException as exc:
+        if opened is not None:
+            opened.close()
+        if isinstance(exc, _Verdict):
+            exc.format = fmt
+        raise
+
+
+def _inspect_format(data: bytes, filename: str, limits: ReturnLimits, fmt: str, opened: _OpenZip | None) -> _Inspection:
     named_workbook = _extension(filename) in WORKBOOK_EXTENSIONS
     if fmt == FORMAT_UNKNOWN and not named_workbook:
         # A logo, a PDF, a .docx: never opened, so never a danger.
@@ -343,9 +393,9 @@ def _inspect(data: bytes, filename: str, limits: ReturnLimits) -> _Inspection:
         )
     if fmt == FORMAT_ENCRYPTED:
         _refuse(STATUS_UNREADABLE, "the file is password-protected; please send it without a password")
-    if data.startswith((_ZIP_MAGIC, _EMPTY_ZIP_MAGIC)):
+    if opened is not None:
         # A bomb named like a workbook is refused as a bomb, whatever it holds.
-        archive = _ZipScan(data, limits)
+        archive = _ZipScan(data, limits, opened)
         if fmt == FORMAT_UNKNOWN:
             _not_a_spreadsheet(filename)
         if fmt == FORMAT_XLSB:
@@ -354,7 +404,9 @@ def _inspect(data: bytes, filename: str, limits: ReturnLimits) -> _Inspection:
                 "the file is an Excel Binary Workbook (.xlsb), which cannot be read here; "
                 "please save it as 'Excel Workbook (*.xlsx)' and send it again",
             )
-        return archive.check(fmt)
+        inspection = archive.check(fmt)
+        inspection.archive = opened.archive  # closed by the caller, with the inspection
+        return inspection
     if fmt == FORMAT_XLS:
         _check_xls(data, limits)
         return _Inspection(fmt)
@@ -386,14 +438,18 @@ class _ZipScan:
     refuses bombs from the declared sizes; :meth:`check` then decompresses
     every member as a stream, counting what comes out."""
 
-    def __init__(self, data: bytes, limits: ReturnLimits) -> None:
+    def __init__(self, data: bytes, limits: ReturnLimits, opened: _OpenZip) -> None:
         self.data = data
         self.limits = limits
-        try:
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                infos = archive.infolist()
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
-            _damaged(f"not a valid zip package: {exc}")
+        if opened.archive is None:
+            error = opened.error
+            assert error is not None
+            if isinstance(
+                error, (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError)
+            ):
+                _damaged(f"not a valid zip package: {error}")
+            raise error
+        infos = opened.archive.infolist()
         # Python and the zip reader inside calamine both look for the end
         # record from the end of the file; with a second one hidden in the
         # tail they could disagree on which members the file has.
@@ -402,6 +458,7 @@ class _ZipScan:
             _damaged("it has two zip directories")
         self._check_declared(infos)
         self.members = self._locate(infos)
+        self._decompressed: dict[str, bytes] = {}
 
     def _check_declared(self, infos: Sequence[zipfile.ZipInfo]) -> None:
         limits = self.limits
@@ -531,10 +588,17 @@ class _ZipScan:
             elif fmt in (FORMAT_XLSX, FORMAT_XLSM) and is_xml:
                 self._check_xlsx_part(member)
             elif is_xml:
-                _drain(_check_prolog(self.stream(member), name))
+                _drain(_check_prolog(self._content(member), name))
             else:
-                _drain(self.stream(member))
+                _drain(self._content(member))
         return inspection
+
+    def _content(self, member: _Member) -> Iterator[bytes]:
+        """The decompressed bytes of ``member``: those :meth:`_small` already checked, else :meth:`stream`."""
+        kept = self._decompressed.get(member.info.filename)
+        if kept is None:
+            return self.stream(member)
+        return iter((kept,) if kept else ())
 
     def _worksheet_parts(self) -> set[str]:
         """The members the workbook's sheets point at, resolved as leniently as any reader would.
@@ -568,19 +632,27 @@ class _ZipScan:
         """A part that is small in any real workbook, checked, at most 4 MB of it."""
         kept: list[bytes] = []
         size = 0
+        whole = True
         for chunk in _check_prolog(self.stream(member), member.info.filename):
             if size < 4 * _SMALL_PART:
                 kept.append(chunk)
                 size += len(chunk)
-        return b"".join(kept)
+            else:
+                whole = False
+        data = b"".join(kept)
+        if whole:
+            # Streamed to the end: sizes and CRC are checked. The member-by-member
+            # check then reuses these bytes instead of decompressing them again.
+            self._decompressed[member.info.filename] = data
+        return data
 
     def _check_xlsx_part(self, member: _Member) -> None:
         name = member.info.filename
-        if _fast_cells_ok(_check_prolog(self.stream(member), name), self.limits):
+        if _fast_cells_ok(_check_prolog(self._content(member), name), self.limits):
             return
         # Something unusual (wide sheet, cells without references, another
         # encoding): count the cells exactly as calamine places them.
-        rows, cols = _xlsx_extent(_check_prolog(self.stream(member), name), name, self.limits)
+        rows, cols = _xlsx_extent(_check_prolog(self._content(member), name), name, self.limits)
         _check_extent(rows, cols, self.limits)
 
 
@@ -628,15 +700,23 @@ def _check_prolog(chunks: Iterator[bytes], name: str) -> Iterator[bytes]:
 
     A DTD can only appear before the root element, so defusedxml parses the
     prolog and stops at the first element: a billion-laughs or external entity
-    declaration is refused, and the cost does not grow with the part."""
-    parser: defused_et.XMLParser | None = defused_et.XMLParser(target=_StopAtRoot(), forbid_dtd=True)
+    declaration is refused, and the cost does not grow with the part. A part
+    whose first chunk plainly starts with its root element (what every
+    spreadsheet program writes) has no room for a DTD and needs no parser."""
+    parser: Any = None
+    refused: type[Exception] = _RootReached  # replaced by defusedxml's refusal when it parses
+    first = True
     for chunk in chunks:
+        if first:
+            first = False
+            if not _plain_prolog(chunk):
+                parser, refused = _prolog_parser()
         if parser is not None:
             try:
                 parser.feed(chunk)
             except _RootReached:
                 parser = None
-            except DefusedXmlException:
+            except refused:
                 _refuse(
                     STATUS_REJECTED,
                     f"the file contains XML entity declarations (unsafe, in {name}); please re-save it from Excel",
@@ -644,6 +724,35 @@ def _check_prolog(chunks: Iterator[bytes], name: str) -> Iterator[bytes]:
             except Exception:
                 parser = None  # not well-formed: the spreadsheet reader will say so
         yield chunk
+
+
+def _prolog_parser() -> tuple[Any, type[Exception]]:
+    """defusedxml's parser stopping at the root element, and the exception it refuses a DTD with.
+
+    Imported here: the parts spreadsheet programs write never need it."""
+    import defusedxml.ElementTree as defused_et  # type: ignore[import-untyped]
+    from defusedxml import DefusedXmlException
+
+    return defused_et.XMLParser(target=_StopAtRoot(), forbid_dtd=True), DefusedXmlException
+
+
+# An optional UTF-8 byte order mark, an optional XML declaration, whitespace,
+# then the root element's start tag: nothing else can come before the root.
+_PLAIN_PROLOG = re.compile(rb"\A(?:\xef\xbb\xbf)?(?:<\?xml(\s[^<>?]*)?\?>)?[ \t\r\n]*<[A-Za-z_]")
+_DECLARED_ENCODING = re.compile(rb"\sencoding\s*=\s*[\"']([^\"']*)[\"']")
+
+
+def _plain_prolog(chunk: bytes) -> bool:
+    """True if ``chunk`` is UTF-8 and goes straight from the XML declaration (if any) to the root element."""
+    match = _PLAIN_PROLOG.match(chunk)
+    if match is None:
+        return False
+    declaration = match[1]
+    if declaration is None or b"encoding" not in declaration:
+        return True
+    encoding = _DECLARED_ENCODING.search(declaration)
+    # Another encoding could give the same bytes another meaning: let the parser decide.
+    return encoding is not None and encoding[1].lower() in (b"utf-8", b"utf8")
 
 
 # -- xlsx sheets: where calamine will put each cell ---------------------------
@@ -685,27 +794,32 @@ def _fast_cells_ok(chunks: Iterator[bytes], limits: ReturnLimits) -> bool:
     reading at the first cell it cannot vouch for (the caller then counts
     exactly, from a fresh stream)."""
     digits = _fast_digits(limits)
+    if digits == 0:
+        return False
     carry = b""
-    first = True
+    previous: bytes | None = None
     for chunk in chunks:
-        if first:
-            first = False
+        if previous is None:
             declaration = _ASCII_XML.match(chunk)
             if declaration is None or (
                 declaration[1] is not None and declaration[1].lower() not in (b"utf-8", b"utf8")
             ):
                 return False  # not UTF-8: the byte patterns would not see its tags
-        buffer = carry + chunk if carry else chunk
-        cut = buffer.rfind(b"<")
-        body, carry = (buffer, b"") if cut < 0 else (buffer[:cut], buffer[cut:])
-        if len(carry) > _MAX_CARRY or not _fast_body_ok(body, digits, limits):
-            return False
+        else:
+            # A chunk with another after it: the text from its last "<" on may
+            # be a tag cut in two, carried over to the next chunk.
+            buffer = carry + previous if carry else previous
+            cut = buffer.rfind(b"<")
+            body, carry = (buffer, b"") if cut < 0 else (buffer[:cut], buffer[cut:])
+            if len(carry) > _MAX_CARRY or not _fast_body_ok(body, digits, limits):
+                return False
+        previous = chunk
+    if previous is not None:
+        carry = carry + previous if carry else previous
     return _fast_body_ok(carry, digits, limits)
 
 
 def _fast_body_ok(body: bytes, digits: int, limits: ReturnLimits) -> bool:
-    if digits == 0:
-        return False
     if _loose_cell(digits, False).search(body) is not None:
         return False
     if _PREFIXED_HINT.search(body) is not None and _loose_cell(digits, True).search(body) is not None:
@@ -1099,10 +1213,13 @@ def read_return(
     try:
         inspection = _inspect(data, filename, limits)
         fmt = inspection.format
-        return _read(data, inspection, layout, key_column, fill_column, limits)
+        try:
+            return _read(data, inspection, layout, key_column, fill_column, limits)
+        finally:
+            inspection.close()
     except _Verdict as verdict:
         if fmt == FORMAT_UNKNOWN:
-            fmt = sniff_format(data, filename)
+            fmt = verdict.format if verdict.format is not None else sniff_format(data, filename)
         return ReturnReading(status=verdict.status, reason=verdict.reason, format=fmt)
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
@@ -1127,7 +1244,9 @@ def _read(
         if len(metadata) > limits.max_sheets:
             _too_many_sheets(len(metadata), limits)
         found = _find_plan(book, metadata, inspection, key_column, fill_column, layout)
-        fingerprint = read_fingerprint(data) if fmt in (FORMAT_XLSX, FORMAT_XLSM) else None
+        fingerprint = None
+        if fmt in (FORMAT_XLSX, FORMAT_XLSM) and inspection.archive is not None:
+            fingerprint = _archive_fingerprint(inspection.archive)
         if fingerprint is None and any(meta.name == FINGERPRINT_SHEET for meta in metadata):
             fingerprint = _sheet_fingerprint(book)
     return _compare(found, layout, fmt, fingerprint)
@@ -1234,14 +1353,8 @@ def _relative(
     ]
 
 
-def _text(value: CellValue) -> str:
-    # cell_text, with the common case (a string) inlined: this runs for every
-    # compared cell of every row.
-    return value.strip() if type(value) is str else cell_text(value)
-
-
 def _cell(cells: Sequence[CellValue], index: int) -> str:
-    return _text(cells[index]) if index < len(cells) else ""
+    return cell_text(cells[index]) if index < len(cells) else ""
 
 
 def _has_key(plan: _Plan, keys: set[str]) -> bool:
@@ -1299,7 +1412,7 @@ def _column_pairs(layout: MasterLayout, headers: Sequence[str], key: int, fill: 
 
 
 def _summary(cells: Sequence[CellValue], skip: int) -> str:
-    text = " · ".join(t for i, cell in enumerate(cells) if i != skip and (t := " ".join(_text(cell).split())))
+    text = " · ".join(t for i, cell in enumerate(cells) if i != skip and (t := " ".join(cell_text(cell).split())))
     if len(text) > LABEL_MAX_CHARS:
         return text[: LABEL_MAX_CHARS - 1].rstrip() + "…"
     return text
@@ -1333,7 +1446,7 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
     changed: list[RowChange] = []
     for offset, cells in enumerate(rows):
         value = cells[key]
-        row_key = value.strip() if type(value) is str else cell_text(value)
+        row_key = cell_text(value)
         if not row_key:
             continue
         expected = master_get(row_key)
@@ -1341,7 +1454,7 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
             added.append(RowChange(row_key, top + offset, "", "", _summary(cells, key)))
             continue
         value = cells[fill]
-        answer = value.strip() if type(value) is str else cell_text(value)
+        answer = cell_text(value)
         answered = bool(answer) and (answer[0] not in _DASHES or is_answer(answer))
         if row_key in seen:
             # The same action twice (a copied row): the first answer given wins.
@@ -1361,7 +1474,7 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
             raw = cells[returned_index]
             if raw == before:
                 continue
-            after = _text(raw)
+            after = cell_text(raw)
             if after.split() != before.split():
                 changed.append(RowChange(row_key, top + offset, column, before, after))
     answers = {row.key: found[row.key] for row in layout.rows if row.key in found}

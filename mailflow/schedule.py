@@ -171,3 +171,36 @@ def days_left(slot: Slot, campaign: Campaign) -> int:
 def days_overdue(slot: Slot, campaign: Campaign) -> int:
     """Whole days since the deadline day, as the delegation's calendar reads on the slot's day."""
     return max((slot.local_day - campaign.deadline).days, 0)
+
+
+def latest_cron_slot(expression: str, tz: ZoneInfo, now: datetime, after: datetime | None) -> datetime | None:
+    """The latest instant at or before ``now`` at which a crontab line fires, if later than ``after``.
+
+    Used for the digest: after downtime only the latest missed slot counts, so a digest missed
+    while the service was down goes out once, never once per missed slot. Looks back at most a
+    week (a digest older than that is not worth sending)."""
+    from mailflow.cron import cron_trigger
+
+    trigger = cron_trigger(expression, tz)
+    start = now - timedelta(days=7)
+    if after is not None and after > start:
+        start = after + timedelta(seconds=1)
+    latest: datetime | None = None
+    fire = trigger.get_next_fire_time(None, start.astimezone(tz))
+    while fire is not None and fire <= now:
+        latest = fire
+        fire = trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
+    return latest.astimezone(UTC) if latest is not None else None
+
+
+def closes_at(campaign: Campaign, tz: ZoneInfo) -> datetime | None:
+    """When a campaign closes: the end of its ``closes`` day in the secretariat's time zone."""
+    if campaign.closes is None:
+        return None
+    return local_instant(campaign.closes + timedelta(days=1), time(0, 0), tz)
+
+
+def is_open(campaign: Campaign, tz: ZoneInfo, now: datetime) -> bool:
+    """Opened, and not yet closed."""
+    end = closes_at(campaign, tz)
+    return campaign.opens <= now and (end is None or now < end)

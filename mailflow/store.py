@@ -647,6 +647,17 @@ class Store:
         )
         return {delegation: f"{kind}: {error}" for delegation, kind, error in rows}
 
+    def last_slot_of_kind(self, kind: str) -> datetime | None:
+        """The latest slot planned for emails of a kind that belong to no campaign (the digest)."""
+        row = self._execute("SELECT MAX(scheduled_at) FROM outbox WHERE kind = ? AND campaign = ''", (kind,)).fetchone()
+        return from_text(row[0]) if row else None
+
+    def last_sent_of_kind(self, kind: str) -> datetime | None:
+        row = self._execute(
+            "SELECT MAX(sent_at) FROM outbox WHERE kind = ? AND campaign = '' AND status = 'sent'", (kind,)
+        ).fetchone()
+        return from_text(row[0]) if row else None
+
     def last_sent_at(self) -> datetime | None:
         row = self._execute("SELECT MAX(sent_at) FROM outbox").fetchone()
         return from_text(row[0]) if row else None

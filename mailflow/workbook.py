@@ -19,12 +19,13 @@ Three jobs, kept apart:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
+import os
 import posixpath
 import re
-import secrets
 import struct
 import unicodedata
 import xml.etree.ElementTree as ET
@@ -36,11 +37,12 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, NoReturn
+from typing import IO, NoReturn, cast
 from xml.parsers import expat
 
 import python_calamine
 
+from mailflow.cache import cached
 from mailflow.errors import WorkbookError
 
 __all__ = [
@@ -146,8 +148,22 @@ def normalize_header(text: object) -> str:
     """
     if text is None:
         return ""
-    decomposed = unicodedata.normalize("NFKD", str(text).casefold())
-    plain = "".join(char for char in decomposed if not unicodedata.combining(char))
+    text = str(text)
+    # Every returned workbook repeats the same few headers: remember them
+    # (short texts only, so a sheet of long cells cannot fill the memory).
+    return _normalize_short(text) if len(text) <= _NORMALIZE_CACHED_CHARS else _normalize(text)
+
+
+_NORMALIZE_CACHED_CHARS = 200
+
+
+def _normalize(text: str) -> str:
+    folded = text.casefold()
+    if folded.isascii():
+        plain = folded
+    else:
+        decomposed = unicodedata.normalize("NFKD", folded)
+        plain = "".join(char for char in decomposed if not unicodedata.combining(char))
     collapsed = " ".join(plain.split())
     start, end = 0, len(collapsed)
     while start < end and _is_edge_char(collapsed[start]):
@@ -155,6 +171,9 @@ def normalize_header(text: object) -> str:
     while end > start and _is_edge_char(collapsed[end - 1]):
         end -= 1
     return collapsed[start:end]
+
+
+_normalize_short = functools.lru_cache(maxsize=4096)(_normalize)
 
 
 def find_column(headers: Sequence[object], wanted: str) -> int | None:
@@ -236,7 +255,11 @@ def cell_text(value: CellValue) -> str:
     Numbers lose a trailing ``.0`` and otherwise keep their shortest form, so a
     code typed as the number 1.1 reads ``"1.1"``. A code typed as the number
     2.10 was stored as 2.1 and cannot be told apart: only codes kept as text
-    (as in the real plan) survive unchanged."""
+    (as in the real plan) survive unchanged.
+
+    This runs for every cell read, so text (most cells) is tested first."""
+    if type(value) is str:
+        return value.strip()
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -266,8 +289,32 @@ def read_master(path: Path, key_column: str, fill_column: str, sheet: str | None
 
     Raises :class:`WorkbookError` naming the file and what to do when the file
     is missing, is not an .xlsx workbook, lacks the sheet or the columns, has
-    duplicate keys or has no keyed rows at all."""
-    return parse_workbook(_read_bytes(path), key_column, fill_column, sheet, source=path.name)
+    duplicate keys or has no keyed rows at all.
+
+    A layout that took a while to read (a plan of thousands of actions) is
+    kept between runs by :func:`mailflow.cache.cached`, keyed by the
+    workbook's path, the column names and the sheet, and read again as soon as
+    the file's size or modification time changes."""
+    return cached(
+        "master-layout",
+        (os.path.realpath(path), key_column, fill_column, sheet),
+        [path, *_READER_FILES],
+        lambda: parse_workbook(_read_bytes(path), key_column, fill_column, sheet, source=path.name),
+        min_seconds=MASTER_CACHE_MIN_SECONDS,
+        expect=MasterLayout,
+    )
+
+
+# Below this, reading the master again costs less than keeping it.
+MASTER_CACHE_MIN_SECONDS = 0.05
+# What reads the master besides its own file: this module and calamine's
+# compiled library. A new version of either (a changed size or time) reads
+# every master again.
+_READER_FILES = tuple(
+    Path(file)
+    for file in (__file__, getattr(getattr(python_calamine, "_python_calamine", None), "__file__", None))
+    if file
+)
 
 
 def check_columns(path: Path, key_column: str, fill_column: str, sheet: str | None = None) -> list[str]:
@@ -364,11 +411,6 @@ def _scan_headers(
     return None, best
 
 
-def _sheet_grid(book: python_calamine.CalamineWorkbook, name: str, nrows: int | None = None) -> Grid:
-    rows = book.get_sheet_by_name(name).to_python(skip_empty_area=False, nrows=nrows)
-    return [list(row) for row in rows]
-
-
 def _parse_book(
     book: python_calamine.CalamineWorkbook, key_column: str, fill_column: str, sheet: str | None, source: str
 ) -> MasterLayout:
@@ -387,9 +429,13 @@ def _parse_book(
 
     best: tuple[str, _HeaderMatch] | None = None
     for name in candidates:
-        found, partial = _scan_headers(_sheet_grid(book, name, HEADER_SCAN_ROWS), key_column, fill_column)
+        # get_sheet_by_name parses the whole sheet: once per sheet, and the
+        # rows are then converted only as far as needed.
+        calamine_sheet = book.get_sheet_by_name(name)
+        head = cast(Grid, calamine_sheet.to_python(skip_empty_area=False, nrows=HEADER_SCAN_ROWS))
+        found, partial = _scan_headers(head, key_column, fill_column)
         if found is not None:
-            return _layout(book, name, found, source)
+            return _layout(calamine_sheet, name, found, source)
         if partial is not None and (best is None or partial.score > best[1].score):
             best = (name, partial)
     raise WorkbookError(_missing_headers_message(source, key_column, fill_column, best))
@@ -414,27 +460,30 @@ def _missing_headers_message(
     )
 
 
-def _layout(book: python_calamine.CalamineWorkbook, name: str, header: _HeaderMatch, source: str) -> MasterLayout:
+def _layout(
+    calamine_sheet: python_calamine.CalamineSheet, name: str, header: _HeaderMatch, source: str
+) -> MasterLayout:
     assert header.key is not None and header.fill is not None
     key_index, fill_index = header.key, header.fill
-    calamine_sheet = book.get_sheet_by_name(name)
-    grid: Grid = [list(row) for row in calamine_sheet.to_python(skip_empty_area=False)]
+    grid = cast(Grid, calamine_sheet.to_python(skip_empty_area=False))
     _spread_merged_fill(grid, calamine_sheet.merged_cell_ranges or [], fill_index)
 
     headers = list(header.texts)
     while headers and not headers[-1]:
         headers.pop()
+    # Both columns have a header, so both are within ``headers``.
+    width = len(headers)
+    padding = ("",) * width
     rows: list[PlanRow] = []
     for index in range(header.index + 1, len(grid)):
         cells = grid[index]
-        key = cell_text(cells[key_index]) if key_index < len(cells) else ""
-        if not key:
+        if key_index >= len(cells) or not cell_text(cells[key_index]):
             continue
-        fill = cell_text(cells[fill_index]) if fill_index < len(cells) else ""
+        values = tuple(map(cell_text, cells[:width]))
+        if len(values) < width:
+            values += padding[len(values) :]
         label = _label(cells[key_index + 1]) if key_index + 1 < len(cells) else ""
-        values = tuple(cell_text(cell) for cell in cells[: len(headers)])
-        values += ("",) * (len(headers) - len(values))
-        rows.append(PlanRow(key=key, row=index + 1, fill=fill, label=label, values=values))
+        rows.append(PlanRow(key=values[key_index], row=index + 1, fill=values[fill_index], label=label, values=values))
 
     key_header = header.texts[key_index]
     if not rows:
@@ -442,16 +491,8 @@ def _layout(book: python_calamine.CalamineWorkbook, name: str, header: _HeaderMa
             f"workbook {source} has no rows with a value in column {key_header!r} below the headers "
             f"(sheet {name!r}, row {header.index + 1}); give every action its code"
         )
-    seen: dict[str, list[int]] = {}
-    for row in rows:
-        seen.setdefault(row.key, []).append(row.row)
-    duplicates = {key: numbers for key, numbers in seen.items() if len(numbers) > 1}
-    if duplicates:
-        listed = "; ".join(f"{key} (rows {', '.join(map(str, numbers))})" for key, numbers in duplicates.items())
-        raise WorkbookError(
-            f"workbook {source} has duplicate keys in column {key_header!r} on sheet {name!r}: {listed}; "
-            "every action needs its own code"
-        )
+    if len({row.key for row in rows}) < len(rows):
+        _duplicate_keys(rows, source, key_header, name)
     return MasterLayout(
         sheet=name,
         header_row=header.index + 1,
@@ -459,6 +500,18 @@ def _layout(book: python_calamine.CalamineWorkbook, name: str, header: _HeaderMa
         fill_col=fill_index + 1,
         headers=tuple(headers),
         rows=tuple(rows),
+    )
+
+
+def _duplicate_keys(rows: Sequence[PlanRow], source: str, key_header: str, name: str) -> NoReturn:
+    seen: dict[str, list[int]] = {}
+    for row in rows:
+        seen.setdefault(row.key, []).append(row.row)
+    duplicates = {key: numbers for key, numbers in seen.items() if len(numbers) > 1}
+    listed = "; ".join(f"{key} (rows {', '.join(map(str, numbers))})" for key, numbers in duplicates.items())
+    raise WorkbookError(
+        f"workbook {source} has duplicate keys in column {key_header!r} on sheet {name!r}: {listed}; "
+        "every action needs its own code"
     )
 
 
@@ -551,13 +604,18 @@ def read_fingerprint(data: bytes) -> Fingerprint | None:
     except Exception:
         return None
     with archive:
-        for find in (_fingerprint_from_properties, _fingerprint_from_sheet):
-            try:
-                found = find(archive)
-            except Exception:
-                found = None
-            if found is not None:
-                return found
+        return _archive_fingerprint(archive)
+
+
+def _archive_fingerprint(archive: zipfile.ZipFile) -> Fingerprint | None:
+    """:func:`read_fingerprint` on a zip package already open (what a caller that opened it passes)."""
+    for find in (_fingerprint_from_properties, _fingerprint_from_sheet):
+        try:
+            found = find(archive)
+        except Exception:
+            found = None
+        if found is not None:
+            return found
     return None
 
 
@@ -848,7 +906,7 @@ class RequestWorkbookFactory:
     def __init__(self, master_path: Path, layout: MasterLayout, *, note: str = DEFAULT_FILL_NOTE) -> None:
         data = _read_bytes(master_path)
         _require_xlsx(data, master_path.name)
-        self._placeholder = f"mailflow-placeholder-{secrets.token_hex(16)}"
+        self._placeholder = f"mailflow-placeholder-{os.urandom(16).hex()}"
         base = _base_copy(data, layout, note, self._placeholder, master_path.name)
         self._members = _split_base(base, self._placeholder.encode("ascii"))
         self._sheet = layout.sheet

@@ -164,3 +164,40 @@ def test_console_script_uses_mailflow_config_and_debug_shows_a_traceback(local_c
         [exe, "--config", "/nonexistent/mailflow.yaml", "status"], capture_output=True, text=True, timeout=60
     )
     assert missing.returncode == 2 and "configuration file not found" in missing.stderr
+
+
+def test_history_timeline_and_consolidate_commands(
+    capsys: pytest.CaptureFixture[str], local_config: Path, tmp_path: Path
+) -> None:
+    import csv
+    import io
+
+    import openpyxl
+
+    run(capsys, "--config", str(local_config), "tick", "--now", OPENING)
+    run(capsys, "--config", str(local_config), "tick", "--now", "2017-10-20T09:30")
+    code, out, _ = run(capsys, "--config", str(local_config), "status", "--delegation", "HN")
+    assert code == 0
+    assert out.startswith("Honduras (HN) — times in America/Costa_Rica")
+    assert "2017-10-18 10:05  → request" in out and "2017-10-20 09:30  → reminder" in out
+    code, out, _ = run(capsys, "--config", str(local_config), "history", "--format", "csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out, newline="")))
+    assert {row["delegation"] for row in rows} >= {"HN", "BZ", "US"}
+    assert [row["kind"] for row in rows if row["delegation"] == "HN" and row["direction"] == "out"] == [
+        "request",
+        "reminder",
+    ]
+    export = tmp_path / "history.json"
+    code, _, _ = run(capsys, "--config", str(local_config), "history", "--format", "json", "--output", str(export))
+    assert code == 0 and json.loads(export.read_text(encoding="utf-8"))["campaign"] == "responsible-2017"
+    target = tmp_path / "consolidated.xlsx"
+    code, out, _ = run(capsys, "--config", str(local_config), "consolidate", "--output", str(target))
+    assert code == 0 and str(target) in out
+    book = openpyxl.load_workbook(target)
+    assert len(book.sheetnames) == 3
+    code, _, err = run(capsys, "--config", str(local_config), "status", "--delegation", "XX")
+    assert code == 2 and "unknown delegation 'XX'" in err
+    master = example_data()["campaigns"][0]["workbook"]
+    code, _, err = run(capsys, "--config", str(local_config), "consolidate", "--output", master)
+    assert code == 1 and "never writes over it" in err

@@ -51,6 +51,7 @@ def test_a_whole_campaign_sends_exactly_the_expected_emails_at_the_expected_inst
     config = smtp_config(tmp_path, smtp_server.host, smtp_server.port, rate_per_minute=None)
     clock = FixedClock(OPENS - timedelta(hours=2))
     seen: set[tuple[str, str, datetime]] = set()
+    digests: list[datetime] = []
     contacts = {d.id: set(d.contacts) for d in config.delegations}
     with Store.open(config.store) as store:
         engine = engine_for(config, store, clock)
@@ -62,6 +63,11 @@ def test_a_whole_campaign_sends_exactly_the_expected_emails_at_the_expected_inst
             engine.tick()
             for received in smtp_server.messages[before:]:
                 message = received.message
+                if message["X-Mailflow-Kind"] == "digest":
+                    assert received.rcpt_tos == ["coordinator@example.org"]
+                    assert message["X-Mailflow-Delegation"] is None
+                    digests.append(now)
+                    continue
                 delegation = str(message["X-Mailflow-Delegation"])
                 kind = str(message["X-Mailflow-Kind"])
                 assert message["X-Mailflow-Campaign"] == "responsible-2017"
@@ -78,11 +84,15 @@ def test_a_whole_campaign_sends_exactly_the_expected_emails_at_the_expected_inst
             # A second tick at the same instant sends nothing new.
             again = engine.tick()
             assert again.sent == [] and again.planned == 0
-            assert len(smtp_server.messages) == len(seen)
+            assert len(smtp_server.messages) == len(seen) + len(digests)
             now += timedelta(hours=1)
     assert seen == expected_calendar(config)
+    # The digest: every weekday at 08:00 in San José (14:00 UTC), from the day after the campaign opened.
+    weekdays = [OPENS.date() + timedelta(days=n) for n in range(1, 17)]
+    expected_digests = [datetime.combine(d, time(14, 0), tzinfo=UTC) for d in weekdays if d.weekday() < 5]
+    assert digests == [d for d in expected_digests if d <= end]
     message_ids = Counter(str(r.message["Message-ID"]).strip() for r in smtp_server.messages)
-    assert len(message_ids) == 11 * 6 and max(message_ids.values()) == 1
+    assert len(message_ids) == 11 * 6 + len(digests) and max(message_ids.values()) == 1
 
 
 def test_smtp_down_then_up_each_email_goes_out_once(tmp_path: Path, smtp_server: SmtpServer) -> None:

@@ -101,7 +101,10 @@ def test_downtime_sends_only_the_latest_missed_reminder_and_records_the_others(t
         back = datetime(2017, 10, 25, 18, 0, tzinfo=UTC)  # down from the 18th to Wednesday 25
         clock.set(back)
         report = engine.tick()
-        assert len(report.sent) == 11 and report.skipped == 11 * 2
+        # 11 overdue notices, and one digest: the latest missed slot (Wednesday 08:00 in San José), not seven.
+        assert len(report.sent) == 12 and report.skipped == 11 * 2
+        [digest] = [row for row in store.outbox() if row.kind == "digest"]
+        assert digest.scheduled_at == datetime(2017, 10, 25, 14, 0, tzinfo=UTC)
         rows = store.outbox(campaign="responsible-2017", delegation="HN")
         assert [(r.slot, r.status) for r in rows] == [
             ("request", OutboxStatus.SENT),
@@ -110,7 +113,7 @@ def test_downtime_sends_only_the_latest_missed_reminder_and_records_the_others(t
             ("overdue:1", OutboxStatus.SENT),
         ]
         assert rows[1].last_error is not None and "superseded by overdue:1" in rows[1].last_error
-    assert sorted({kind for _, kind in outbox_kinds(tmp_path)}) == ["overdue", "request"]
+    assert sorted({kind for _, kind in outbox_kinds(tmp_path)}) == ["digest", "overdue", "request"]
 
 
 def test_the_rate_cap_spaces_the_emails(tmp_path: Path) -> None:

@@ -23,11 +23,13 @@ from mailflow.errors import TemplateError
 from mailflow.render import (
     BUILTIN_TEMPLATES,
     CAMPAIGN_KINDS,
+    DELEGATION_KINDS,
     FOLLOW_UP_CONTEXT_KEYS,
     FOLLOW_UP_KINDS,
     KINDS_WITH_TEMPLATES,
     MISSING_LIST_LIMIT,
     REFERENCE_RE,
+    SECRETARIAT_KINDS,
     Attachment,
     RenderedEmail,
     Renderer,
@@ -168,7 +170,7 @@ def test_datetime_filter_in_a_template(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
-@pytest.mark.parametrize("kind", KINDS_WITH_TEMPLATES)
+@pytest.mark.parametrize("kind", DELEGATION_KINDS)
 def test_every_kind_renders_in_every_language(renderer: Renderer, kind: str, language: str) -> None:
     context = sample_context(kind, language, days_left=3 if kind == "reminder" else 0, days_overdue=2)
     rendered = renderer.render(kind, language, context)
@@ -346,7 +348,7 @@ def test_an_override_base_changes_every_html_part(tmp_path: Path) -> None:
     (tmp_path / "en").mkdir()
     (tmp_path / "en" / "_base.html.j2").write_text("<div>{% block content %}{% endblock %}</div>", encoding="utf-8")
     renderer = Renderer(override_dir=tmp_path)
-    for kind in KINDS_WITH_TEMPLATES:
+    for kind in DELEGATION_KINDS:
         html = renderer.render(kind, "en", sample_context(kind, "en")).html
         assert html.startswith("<div>") and html.rstrip().endswith("</div>")
         assert "<!DOCTYPE" not in html
@@ -592,7 +594,8 @@ def _plain(html: str) -> str:
 
 def test_follow_up_kinds_are_registered() -> None:
     assert FOLLOW_UP_KINDS == ("receipt", "missing", "unreadable")
-    assert set(KINDS_WITH_TEMPLATES) == set(CAMPAIGN_KINDS) | set(FOLLOW_UP_KINDS)
+    assert DELEGATION_KINDS == CAMPAIGN_KINDS + FOLLOW_UP_KINDS
+    assert set(KINDS_WITH_TEMPLATES) == set(DELEGATION_KINDS) | set(SECRETARIAT_KINDS)
     for language in LANGUAGES:
         for kind in FOLLOW_UP_KINDS:
             context = example_context(kind, language)
@@ -1101,7 +1104,7 @@ def _assert_same_message(raw: bytes, reference: EmailMessage) -> None:
 @pytest.mark.parametrize("attach", [True, False], ids=["attachments", "no-attachments"])
 @pytest.mark.parametrize("name", ["Honduras", "República Dominicana"])
 @pytest.mark.parametrize("language", LANGUAGES)
-@pytest.mark.parametrize("kind", KINDS_WITH_TEMPLATES)
+@pytest.mark.parametrize("kind", DELEGATION_KINDS)
 def test_message_bytes_read_back_as_the_email_packages_message(
     kind: str, language: str, name: str, attach: bool
 ) -> None:
@@ -1347,3 +1350,34 @@ def test_quoted_printable_bodies_keep_every_character_within_the_limits() -> Non
         for part, original in ((text_part, text), (html_part, html)):
             expected = b"\r\n".join(original.encode("utf-8").splitlines()) + b"\r\n"
             assert binascii.a2b_qp(part.get_payload().encode("ascii")) == expected
+
+
+# --------------------------------------------------------------------------
+# The digest: an email to the Secretariat, with a context of its own
+# --------------------------------------------------------------------------
+
+
+def test_the_digest_is_registered_with_its_own_example() -> None:
+    assert SECRETARIAT_KINDS == ("digest",)
+    assert "digest" in KINDS_WITH_TEMPLATES and "digest" not in DELEGATION_KINDS
+    for language in LANGUAGES:
+        for suffix in ("subject.j2", "txt.j2", "html.j2"):
+            assert (BUILTIN_TEMPLATES / language / f"digest.{suffix}").is_file()
+        context = example_context("digest", language)
+        assert "reference" not in context and "delegation" not in context  # it is written to the Secretariat
+        rendered = Renderer().render("digest", language, context)
+        assert "\n" not in rendered.subject and "[Ref." not in rendered.subject
+        assert rendered.html.lstrip().startswith("<!DOCTYPE html>") and f'lang="{language}"' in rendered.html
+
+
+def test_check_renders_every_branch_of_the_digest(tmp_path: Path) -> None:
+    (tmp_path / "es").mkdir()
+    # The misspelt name is only reached when the inbox was never read: check() renders that variant too.
+    (tmp_path / "es" / "digest.txt.j2").write_text(
+        "{% if health.last_inbox_read_at_text %}{{ health.last_inbox_read_at_text }}{% else %}{{ health.nevr }}"
+        "{% endif %}\n",
+        encoding="utf-8",
+    )
+    problems = Renderer(override_dir=tmp_path).check()
+    assert len(problems) == 1, problems
+    assert "es/digest.txt.j2" in problems[0] and "nevr" in problems[0]

@@ -780,6 +780,76 @@ def test_entity_declarations_are_rejected(shared_strings: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "prolog",
+    [
+        '<?xml version="1.0" encoding="ISO-8859-1"?>',  # another encoding: the parser decides
+        '\ufeff<?xml version="1.0" encoding="UTF-8"?>',
+        '<?xml version="1.0"?><?page layout?>',
+        "<!-- Excel -->",
+        "",
+    ],
+)
+def test_a_dtd_is_found_after_any_prolog(prolog: str) -> None:
+    part = prolog + BILLION_LAUGHS.split("?>", 1)[1]
+    data = xlsx_package(
+        [("Plan", rows_xml([("Code", "Responsible")]))], extra={"xl/sharedStrings.xml": part.encode("utf-8")}
+    )
+    assert read(data).status == STATUS_REJECTED
+
+
+@pytest.mark.parametrize(
+    ("start", "plain"),
+    [
+        (b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\r\n<worksheet xmlns="x">', True),
+        (b"\xef\xbb\xbf<?xml version='1.0' encoding='utf8'?><sst>", True),
+        (b"<Relationships xmlns='x'>", True),
+        (b'<?xml version="1.0"?>\n<x:workbook>', True),
+        (b'<?xml version="1.0"?><!DOCTYPE sst>', False),
+        (b'<?xml version="1.0" encoding="UTF-16"?><sst>', False),
+        (b"\xff\xfe<\x00s\x00", False),  # UTF-16 with its byte order mark
+        (b'<?xml version="1.0"?><!-- a comment --><sst>', False),
+        (b' <?xml version="1.0"?><sst>', False),
+        (b'<?xml version="1.0"?>', False),  # the root element in a later chunk
+        (b"", False),
+    ],
+)
+def test_only_a_prolog_with_no_room_for_a_dtd_skips_the_parser(start: bytes, plain: bool) -> None:
+    from mailflow.returns import _plain_prolog
+
+    assert _plain_prolog(start) is plain
+
+
+def test_the_zip_directory_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    master = tmp_path / "plan.xlsx"
+    master.write_bytes(SAMPLE)
+    fingerprint = make_fingerprint(SECRET, "responsible-2017", "HN")
+    data = edit(RequestWorkbookFactory(master, LAYOUT).build(fingerprint))
+    opened: list[int] = []
+
+    class CountingZipFile(zipfile.ZipFile):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            opened.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(zipfile, "ZipFile", CountingZipFile)
+    reading = read(data)
+    assert reading.status == STATUS_PARSED and reading.fingerprint == fingerprint
+    assert reading.answers == ALL_ANSWERED
+    assert len(opened) == 1  # format, preflight and fingerprint share it
+    opened.clear()
+    assert preflight(data, "Plan.xlsx", ReturnLimits()) == (STATUS_PARSED, None)
+    assert len(opened) == 1
+
+
+def test_a_refused_file_keeps_the_format_preflight_found() -> None:
+    bomb = zip_package({"[Content_Types].xml": "<Types/>", "xl/workbook.bin": b"\0" * (50 << 20)})
+    reading = read(bomb, "Plan.xlsb")
+    assert (reading.status, reading.format) == (STATUS_REJECTED, "xlsb")
+    reading = read(zip_package({"xl/workbook.bin": b"x"}), "Plan.xlsb")
+    assert (reading.status, reading.format) == (STATUS_UNREADABLE, "xlsb")
+
+
 def test_a_dtd_after_a_long_prolog_is_still_found() -> None:
     part = '<?xml version="1.0"?>' + "<!-- padding -->" * 200_000 + BILLION_LAUGHS.split("?>", 1)[1]
     data = xlsx_package([("Plan", rows_xml([("Code", "Responsible")]))], extra={"xl/sharedStrings.xml": part})

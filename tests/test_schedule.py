@@ -182,3 +182,29 @@ def test_reminders_stay_between_request_and_deadline(offsets: tuple[int, ...]) -
     for slot in slots(c, d):
         if slot.kind == "reminder":
             assert c.opens < slot.at < deadline_end(c, d)
+
+
+def test_latest_cron_slot_gives_only_the_latest_missed_digest() -> None:
+    from mailflow.schedule import latest_cron_slot
+
+    now = datetime(2017, 10, 26, 20, 0, tzinfo=UTC)  # Thursday 14:00 in San José
+    # Every weekday at 08:00 San José (14:00 UTC): the latest is today's.
+    assert latest_cron_slot("0 8 * * 1-5", CR, now, None) == utc(2017, 10, 26, 14, 0)
+    # Already sent for today's slot: nothing new.
+    assert latest_cron_slot("0 8 * * 1-5", CR, now, utc(2017, 10, 26, 14, 0)) is None
+    # Down since Monday's digest: only today's, once.
+    assert latest_cron_slot("0 8 * * 1-5", CR, now, utc(2017, 10, 23, 14, 0)) == utc(2017, 10, 26, 14, 0)
+    # On Sunday the latest weekday slot is Friday's.
+    sunday = datetime(2017, 10, 29, 18, 0, tzinfo=UTC)
+    assert latest_cron_slot("0 8 * * 1-5", CR, sunday, None) == utc(2017, 10, 27, 14, 0)
+
+
+def test_a_campaign_is_open_from_opens_until_the_end_of_its_closes_day() -> None:
+    from mailflow.schedule import is_open
+
+    c = campaign(closes=date(2017, 11, 10))
+    assert not is_open(c, CR, utc(2017, 10, 18, 15, 59))
+    assert is_open(c, CR, utc(2017, 10, 18, 16, 0))
+    assert is_open(c, CR, utc(2017, 11, 11, 5, 59))  # 23:59 on the 10th in San José
+    assert not is_open(c, CR, utc(2017, 11, 11, 6, 0))
+    assert is_open(campaign(), CR, utc(2030, 1, 1))

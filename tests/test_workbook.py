@@ -7,17 +7,24 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import pickle
 import random
+import shutil
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import openpyxl
 import pytest
 import python_calamine
 from openpyxl.packaging.custom import StringProperty
 
+import mailflow.workbook as workbook_module
 from mailflow.errors import WorkbookError
 from mailflow.sample import build_sample_plan
 from mailflow.workbook import (
@@ -26,6 +33,7 @@ from mailflow.workbook import (
     HEADER_SYNONYMS,
     Fingerprint,
     MasterLayout,
+    PlanRow,
     RequestWorkbookFactory,
     cell_text,
     check_columns,
@@ -68,6 +76,14 @@ def make_workbook(
         plan.append(list(values))
     book.save(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Each test its own layout cache: nothing read from or left in the user's cache folder."""
+    folder = tmp_path / "mailflow-cache"
+    monkeypatch.setenv("MAILFLOW_CACHE", str(folder))
+    yield folder
 
 
 @pytest.fixture
@@ -325,6 +341,140 @@ def test_long_labels_are_shortened(tmp_path: Path) -> None:
     label = read_master(path, "Code", "Responsible").rows[0].label
     assert len(label) == 120
     assert label.endswith("…")
+
+
+def test_each_sheet_is_parsed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = make_workbook(
+        tmp_path / "plan.xlsx",
+        ["Code", "Action", "Responsible"],
+        [["1.1", "Do", None], ["1.2", "Do more", "DGME"]],
+        before=[("Notes", [["Read me first"]])],
+    )
+    parsed: list[str] = []
+    real = python_calamine.CalamineWorkbook.from_filelike
+
+    class CountingBook:
+        def __init__(self, book: Any) -> None:
+            self.book = book
+
+        def __enter__(self) -> CountingBook:
+            self.book.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.book.__exit__(*exc)
+
+        def get_sheet_by_name(self, name: str) -> Any:
+            parsed.append(name)
+            return self.book.get_sheet_by_name(name)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.book, name)
+
+    class Calamine:
+        """python_calamine, as workbook.py sees it, with books that count the sheets they parse."""
+
+        CalamineWorkbook = SimpleNamespace(from_filelike=lambda stream: CountingBook(real(stream)))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(python_calamine, name)
+
+    monkeypatch.setattr(workbook_module, "python_calamine", Calamine())
+    layout = read_master(path, "Code", "Responsible")
+    assert layout.keys == ("1.1", "1.2") and [row.fill for row in layout.rows] == ["", "DGME"]
+    assert parsed == ["Notes", "Plan"]  # the header search and the rows share one parse of "Plan"
+
+
+def varied_workbook(path: Path) -> Path:
+    """A plan with what a layout can hold: numbers, dates, merged answers, blanks, long labels, accents."""
+    make_workbook(
+        path,
+        ["Línea", "Código", "Acción", "Responsable", "Plazo", None, "Observaciones", None],
+        [
+            ["Línea 1", None, None, None, None],
+            [None, 1.1, "Adoptar protocolos " * 10, "Patronato Nacional", date(2018, 6, 30)],
+            [None, 1.2, "Capacitar", None, 2018],
+            [None, "1.10", "  Mapear rutas  ", " DGME ", None, None, True],
+            [None, 2, None, None, 2.5],
+        ],
+        title_rows=[["Plan Estratégico"], []],
+    )
+    book = openpyxl.load_workbook(path)
+    book["Plan"].merge_cells("D5:D6")
+    book.save(path)
+    return path
+
+
+def test_a_slow_master_is_kept_between_runs_identical_to_a_fresh_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _private_cache: Path
+) -> None:
+    monkeypatch.setattr(workbook_module, "MASTER_CACHE_MIN_SECONDS", 0.0)
+    path = varied_workbook(tmp_path / "plan.xlsx")
+    first = read_master(path, "Código", "Responsable")
+    [entry] = _private_cache.iterdir()
+    assert entry.name.startswith("master-layout-")
+
+    calls: list[str] = []
+    real_parse = workbook_module.parse_workbook
+
+    def counting_parse(*args: Any, **kwargs: Any) -> MasterLayout:
+        calls.append("parsed")
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(workbook_module, "parse_workbook", counting_parse)
+    kept = read_master(path, "Código", "Responsable")
+    assert calls == []
+    monkeypatch.setenv("MAILFLOW_CACHE", "off")
+    fresh = read_master(path, "Código", "Responsable")
+    assert calls == ["parsed"]
+    # Identical: equal, same types all the way down, same pickle.
+    assert kept == fresh == first and kept is not first
+    assert repr(kept) == repr(fresh)
+    assert type(kept) is MasterLayout and all(type(row) is PlanRow for row in kept.rows)
+    assert all(type(value) is str for row in kept.rows for value in (row.key, row.fill, row.label, *row.values))
+    assert pickle.dumps(kept) == pickle.dumps(fresh)
+    assert [row.fill for row in kept.rows] == ["Patronato Nacional", "Patronato Nacional", "DGME", ""]
+    assert kept.rows[0].values[4] == "2018-06-30"
+
+
+def test_the_kept_layout_follows_the_workbook_columns_and_sheet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _private_cache: Path
+) -> None:
+    monkeypatch.setattr(workbook_module, "MASTER_CACHE_MIN_SECONDS", 0.0)
+    path = make_workbook(
+        tmp_path / "plan.xlsx",
+        ["Code", "Action", "Responsible", "Observations"],
+        [["1.1", "Do", None, None]],
+        before=[("Old", [["Code", "Action", "Responsible"], ["9.9", "Other", None]])],
+    )
+    assert read_master(path, "Code", "Responsible").keys == ("9.9",)
+    assert read_master(path, "Code", "Responsible", sheet="Plan").keys == ("1.1",)
+    assert read_master(path, "Code", "Observations", sheet="Plan").fill_col == 4
+    assert len(list(_private_cache.iterdir())) == 3
+    # The workbook is edited and saved again: read again, even within the same second.
+    make_workbook(path, ["Code", "Action", "Responsible"], [["7.7", "New", None]], sheet="Old")
+    os.utime(path, ns=(1, 1))
+    assert read_master(path, "Code", "Responsible").keys == ("7.7",)
+    with pytest.raises(WorkbookError, match="no sheet 'Plan'"):
+        read_master(path, "Code", "Responsible", sheet="Plan")
+    path.unlink()
+    with pytest.raises(WorkbookError, match="not found"):
+        read_master(path, "Code", "Responsible")
+
+
+def test_a_master_read_quickly_leaves_no_file(_private_cache: Path) -> None:
+    copy = _private_cache.parent / "plan.xlsx"
+    shutil.copy(SAMPLE_PLAN, copy)
+    for _ in range(2):
+        assert read_master(copy, "Code", "Responsible").keys == SAMPLE_KEYS
+    assert not _private_cache.exists()
+
+
+def test_long_and_ascii_headers_normalize_like_the_rest() -> None:
+    long_header = "Institución responsable " * 20
+    assert normalize_header(long_header) == " ".join(["institucion responsable"] * 20)
+    assert normalize_header("  Responsible (*) ") == normalize_header("RESPONSIBLE") == "responsible"
+    assert normalize_header(1.5) == "1.5"
 
 
 # --------------------------------------------------------------------------

@@ -20,7 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_bomb, bench_consolidate, bench_ingest, bench_returns, bench_send, bench_status  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_bomb,
+    bench_consolidate,
+    bench_ingest,
+    bench_latency,
+    bench_returns,
+    bench_send,
+    bench_status,
+)
 from benchmarks.common import SERVER_MODES, say  # noqa: E402
 
 Benchmark = Callable[[argparse.Namespace], list[str]]
@@ -32,6 +40,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "ingest": lambda args: bench_ingest.run(quick=args.quick),
     "bomb": lambda args: bench_bomb.run(quick=args.quick),
     "consolidate": lambda args: bench_consolidate.run(quick=args.quick),
+    "latency": lambda args: bench_latency.run(quick=args.quick),
 }
 
 

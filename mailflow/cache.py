@@ -41,7 +41,7 @@ __all__ = ["DEFAULT_MIN_SECONDS", "MAX_ENTRIES_PER_KIND", "cache_folder", "cache
 T = TypeVar("T")
 
 DEFAULT_MIN_SECONDS = 0.05
-"""Results computed faster than this are not worth a file (loading one costs about a millisecond)."""
+"""Results computed faster than this are not worth a file: reading them again costs about as much as loading."""
 MAX_ENTRIES_PER_KIND = 32
 
 Stamp = tuple[str, int, int]

@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--format", choices=("csv", "json"), default="csv", help="csv (default) or json")
     history.add_argument("--output", metavar="PATH", help="write to PATH instead of standard output")
 
+    demo = commands.add_parser(
+        "demo", help="the whole workflow on an accelerated clock, with simulated delegations: no server needed"
+    )
+    demo.add_argument("--dir", default="mailflow-demo", help="working folder (default: ./mailflow-demo)")
+    demo.add_argument(
+        "--pause", type=float, default=0.0, metavar="SECONDS", help="wall seconds per simulated day, to watch it"
+    )
+
     consolidate = commands.add_parser("consolidate", help="the master workbook with every delegation's answers")
     consolidate.add_argument("--campaign", help="the campaign (needed when there are several)")
     consolidate.add_argument("--output", required=True, metavar="PATH", help="the .xlsx file to write")
@@ -120,6 +128,13 @@ def _setup_logging(level: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        # The demo brings its own configuration (the example's, on the local transport) into its folder.
+        _setup_logging("DEBUG" if args.verbose or args.debug else "WARNING")
+        from mailflow.demo import run_demo
+
+        run_demo(Path(args.dir), pause_per_day=args.pause)
+        return 0
     # Commands that send nothing need not render every template to check them.
     config = load_checked_config(
         _config_path(args), templates=args.command in ("check-config", "tick", "run", "preview")

@@ -871,6 +871,9 @@ def _message_ids(value: str | None) -> list[str]:
     """Every ``<id>`` in a header value, whitespace removed; a bare ``id@host`` is accepted alone."""
     if not value:
         return []
+    if "=?" in value:
+        # Some mail libraries (Python's email among them) RFC 2047-encode a long id: read it back.
+        value = _decode_words(value[:_MAX_STRUCTURED_VALUE])
     ids = [f"<{inner}>" for inner in (_WHITESPACE_RE.sub("", m.group(1)) for m in _ANGLE_ID_RE.finditer(value))]
     ids = [i for i in ids if i != "<>"]
     if not ids:

@@ -297,12 +297,19 @@ def read_master(path: Path, key_column: str, fill_column: str, sheet: str | None
     the file's size or modification time changes."""
     return cached(
         "master-layout",
-        (os.path.realpath(path), key_column, fill_column, sheet),
+        (_real_path(path), key_column, fill_column, sheet),
         [path, *_READER_FILES],
         lambda: parse_workbook(_read_bytes(path), key_column, fill_column, sheet, source=path.name),
         min_seconds=MASTER_CACHE_MIN_SECONDS,
         expect=MasterLayout,
     )
+
+
+def _real_path(path: Path) -> str:
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):  # a path the reading will refuse anyway
+        return str(path)
 
 
 # Below this, reading the master again costs less than keeping it.

@@ -34,6 +34,12 @@ DOVECOT_USERS = {"ts@example.org": "secret", "other@example.org": "secret"}
 
 
 @pytest.fixture(autouse=True)
+def _no_shared_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read or write the user's real cache folder (tests of the cache name their own)."""
+    monkeypatch.setenv("MAILFLOW_CACHE", "off")
+
+
+@pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     """Remove the root-logger handlers a test added and restore its level.
 

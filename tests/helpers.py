@@ -79,11 +79,13 @@ def reply_to(
     thread: bool = True,
 ) -> bytes:
     """A delegation's reply to one of our emails, as its mail client would send it."""
+    import email.policy
     from datetime import UTC, datetime
     from email.message import EmailMessage
     from email.utils import format_datetime, make_msgid
 
-    message = EmailMessage()
+    # Real mail clients fold long headers; Python's default policy would RFC 2047-encode a long id instead.
+    message = EmailMessage(policy=email.policy.default.clone(max_line_length=998))
     message["From"] = f"Enlace <{sender}>"
     message["To"] = "ts@example.org"
     message["Subject"] = subject if subject is not None else f"RE: {original['Subject']}"

@@ -1189,3 +1189,20 @@ def test_hostile_html_is_fast_and_never_raises(html: str) -> None:
     started = time.perf_counter()
     html_to_text(html)
     assert time.perf_counter() - started < 2
+
+
+def test_a_long_message_id_encoded_as_rfc2047_words_is_still_read() -> None:
+    from email.message import EmailMessage
+
+    message = EmailMessage()  # Python's default policy encodes a long id rather than folding it
+    message["From"] = "enlace@sre.example.hn"
+    message["Subject"] = "Re: plan"
+    long_id = "<mailflow.41da1cdee071a17d3cd782a1.responsible-2017.HN.reminder-1d@example.org>"
+    message["In-Reply-To"] = long_id
+    message["References"] = f"<first@example.org> {long_id}"
+    message.set_content("Adjunto.")
+    raw = message.as_bytes()
+    assert b"=?utf-8?q?" in raw
+    parsed = parse_message(raw)
+    assert parsed.in_reply_to == (long_id,)
+    assert parsed.references == ("<first@example.org>", long_id)

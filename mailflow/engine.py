@@ -160,6 +160,7 @@ class Engine:
         self._secret: bytes | None = None
         self._intake: Intake | None = None
         self._label_cache: dict[str, dict[str, str]] = {}
+        self._initial: dict[str, tuple[int, tuple[str, ...]]] = {}
         self._missing_cache: dict[tuple[str, tuple[str, ...]], list[dict[str, str]]] = {}
 
     # -- shared helpers ----------------------------------------------------
@@ -189,8 +190,11 @@ class Engine:
         return timedelta(seconds=seconds)
 
     def _initial_state(self, campaign: Campaign) -> tuple[int, tuple[str, ...]]:
-        keys = self.layout(campaign).keys
-        return len(keys), tuple(keys)
+        """Total and missing keys of a delegation that has answered nothing (one tuple per campaign)."""
+        if campaign.id not in self._initial:
+            keys = self.layout(campaign).keys
+            self._initial[campaign.id] = (len(keys), keys)
+        return self._initial[campaign.id]
 
     # -- the pass ----------------------------------------------------------
 
@@ -299,17 +303,7 @@ class Engine:
                     if due_keys
                     else "fell due before the request went out"
                 )
-                outbox_id = self.store.add_outbox(
-                    campaign=campaign.id,
-                    delegation=delegation.id,
-                    kind=slot.kind,
-                    slot=slot.key,
-                    message_id=self._message_id(campaign, delegation, slot.key),
-                    status=OutboxStatus.SKIPPED,
-                    scheduled_at=slot.at,
-                    created_at=now,
-                    reason=reason,
-                )
+                outbox_id = self._add_slot(campaign, delegation, slot, OutboxStatus.SKIPPED, now, reason)
                 if outbox_id is not None:
                     report.skipped += 1
                     self.store.record_event(
@@ -322,19 +316,30 @@ class Engine:
                         outbox_id=outbox_id,
                     )
             for slot in decision.due:
-                outbox_id = self.store.add_outbox(
-                    campaign=campaign.id,
-                    delegation=delegation.id,
-                    kind=slot.kind,
-                    slot=slot.key,
-                    message_id=self._message_id(campaign, delegation, slot.key),
-                    status=OutboxStatus.PENDING,
-                    scheduled_at=slot.at,
-                    created_at=now,
-                )
-                if outbox_id is not None:
+                if self._add_slot(campaign, delegation, slot, OutboxStatus.PENDING, now) is not None:
                     report.planned += 1
                     log.debug("planned %s %s for %s", slot.kind, slot.key, delegation.id)
+
+    def _add_slot(
+        self,
+        campaign: Campaign,
+        delegation: Delegation,
+        slot: schedule.Slot,
+        status: OutboxStatus,
+        now: datetime,
+        reason: str | None = None,
+    ) -> int | None:
+        return self.store.add_outbox(
+            campaign=campaign.id,
+            delegation=delegation.id,
+            kind=slot.kind,
+            slot=slot.key,
+            message_id=self._message_id(campaign, delegation, slot.key),
+            status=status,
+            scheduled_at=slot.at,
+            created_at=now,
+            reason=reason,
+        )
 
     def _message_id(self, campaign: Campaign, delegation: Delegation, slot: str) -> str:
         return make_message_id(self.config.secretariat.domain, campaign.id, delegation.id, slot)

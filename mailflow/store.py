@@ -368,6 +368,7 @@ class Store:
         self._db = connection
         self.path = path
         self._depth = 0
+        self._last_missing: tuple[Sequence[str], str] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -1014,6 +1015,14 @@ class Store:
             )
         return bool(cursor.rowcount)
 
+    def _missing_json(self, missing: Sequence[str]) -> str:
+        """JSON of a missing list; planning a campaign writes the same full list for every delegation."""
+        if self._last_missing is not None and self._last_missing[0] is missing:
+            return self._last_missing[1]
+        text = json.dumps(list(missing))
+        self._last_missing = (missing, text)
+        return text
+
     def set_state(
         self,
         campaign: str,
@@ -1038,7 +1047,7 @@ class Store:
             "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (campaign, delegation) DO UPDATE SET "
             "state = excluded.state, filled = excluded.filled, total = excluded.total, missing = excluded.missing, "
             "last_reply_at = excluded.last_reply_at, updated_at = excluded.updated_at",
-            (campaign, delegation, state.value, filled, total, json.dumps(list(missing)), reply, to_text(at)),
+            (campaign, delegation, state.value, filled, total, self._missing_json(missing), reply, to_text(at)),
         )
         old = previous[0] if previous else None
         if old != state.value:

@@ -911,10 +911,21 @@ class RequestWorkbookFactory:
     a fraction of a millisecond however large the workbook."""
 
     def __init__(self, master_path: Path, layout: MasterLayout, *, note: str = DEFAULT_FILL_NOTE) -> None:
-        data = _read_bytes(master_path)
-        _require_xlsx(data, master_path.name)
-        self._placeholder = f"mailflow-placeholder-{os.urandom(16).hex()}"
-        base = _base_copy(data, layout, note, self._placeholder, master_path.name)
+        def make_base() -> tuple[str, bytes]:
+            data = _read_bytes(master_path)
+            _require_xlsx(data, master_path.name)
+            placeholder = f"mailflow-placeholder-{os.urandom(16).hex()}"
+            return placeholder, _base_copy(data, layout, note, placeholder, master_path.name)
+
+        # The openpyxl pass costs ~0.4 s on a large master: keep its result between runs (tick from cron).
+        layout_digest = hashlib.sha256(repr(layout).encode("utf-8", "surrogatepass")).hexdigest()
+        self._placeholder, base = cached(
+            "request-copy",
+            (str(master_path.resolve()), note, layout_digest),
+            [master_path],
+            make_base,
+            expect=tuple,
+        )
         self._members = _split_base(base, self._placeholder.encode("ascii"))
         self._sheet = layout.sheet
 

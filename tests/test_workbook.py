@@ -791,3 +791,34 @@ def test_broken_property_part_does_not_hide_the_sheet(factory: RequestWorkbookFa
     fp = make_fingerprint(SECRET, "plan-2017", "HN")
     data = replace_member(factory.build(fp), "docProps/custom.xml", b"<Properties><property name=")
     assert read_fingerprint(data) == fp
+
+
+def test_the_request_copy_base_is_kept_between_runs_until_the_master_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mailflow.workbook as workbook_module
+    from mailflow.sample import write_sample_plan
+
+    monkeypatch.setenv("MAILFLOW_CACHE", str(tmp_path / "cache"))
+    master = tmp_path / "plan.xlsx"
+    write_sample_plan(master, actions_per_line=(100, 100, 100, 100))
+    layout = read_master(master, "Code", "Responsible")
+    calls: list[int] = []
+    real = workbook_module._base_copy
+
+    def counting(*args: object, **kwargs: object) -> bytes:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(workbook_module, "_base_copy", counting)
+    secret = b"k" * 32
+    first = RequestWorkbookFactory(master, layout).build(make_fingerprint(secret, "c", "HN"))
+    second = RequestWorkbookFactory(master, layout).build(make_fingerprint(secret, "c", "HN"))
+    assert len(calls) == 1 and first == second
+    assert read_fingerprint(second) == make_fingerprint(secret, "c", "HN")
+    write_sample_plan(master, actions_per_line=(100, 100, 100, 99))
+    import os
+
+    os.utime(master, ns=(1, 1))
+    RequestWorkbookFactory(master, read_master(master, "Code", "Responsible"))
+    assert len(calls) == 2

@@ -23,13 +23,13 @@ from mailflow.history import export_csv, export_json, format_timeline, history_r
 from mailflow.intake import looks_like_workbook
 from mailflow.lock import InstanceLock
 from mailflow.mailbox import ImapMailbox, Mailbox, MaildirMailbox
-from mailflow.report import format_inspection, format_status_table
+from mailflow.report import format_inspection, format_meetings_table, format_status_table
 from mailflow.sender import LocalTransport, SmtpTransport, Transport
 from mailflow.service import run_service
 from mailflow.store import Store
 
 DEFAULT_CONFIG = "mailflow.yaml"
-PREVIEW_KINDS = ("request", "reminder", "overdue")
+PREVIEW_KINDS = ("request", "reminder", "overdue", "meeting")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,8 +81,11 @@ def _parser() -> argparse.ArgumentParser:
 
     preview = commands.add_parser("preview", help="render one email as it would be sent, without sending")
     preview.add_argument("kind", choices=PREVIEW_KINDS)
-    preview.add_argument("--delegation", required=True, help="delegation id")
+    preview.add_argument(
+        "--delegation", required=True, help="delegation id (for a meeting, also one of its extra addresses)"
+    )
     preview.add_argument("--campaign", help="campaign id (needed when there are several)")
+    preview.add_argument("--meeting", help="meeting id, for `preview meeting` (needed when there are several)")
     preview.add_argument("--now", help="render as of this instant (default: the system clock)")
     preview.add_argument("--html", action="store_true", help="print the HTML part instead of the text part")
     preview.add_argument("--eml", metavar="PATH", help="also write the whole message to PATH")
@@ -190,13 +193,21 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.command == "status":
             statuses = engine.status(now, args.campaign)
+            upcoming = engine.meeting_status(now)
             if args.json:
-                print(json.dumps({"campaigns": [c.as_json() for c in statuses]}, ensure_ascii=False))
+                as_json = {"campaigns": [c.as_json() for c in statuses], "meetings": [m.as_json() for m in upcoming]}
+                print(json.dumps(as_json, ensure_ascii=False))
             else:
                 print(format_status_table(statuses, config.secretariat.tz))
+                if upcoming and not args.campaign:
+                    print()
+                    print(format_meetings_table(upcoming, config.secretariat.tz))
             return 0
         if args.command == "preview":
-            message = engine.preview(args.kind, args.delegation, args.campaign, now)
+            if args.kind == "meeting":
+                message = engine.preview_meeting(args.delegation, args.meeting, now)
+            else:
+                message = engine.preview(args.kind, args.delegation, args.campaign, now)
             if args.eml:
                 Path(args.eml).write_bytes(message.as_bytes())
             print(_preview_text(message, html=args.html))

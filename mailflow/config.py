@@ -13,10 +13,11 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -45,6 +46,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
 DEFAULT_MAX_ATTACHMENT_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_UNCOMPRESSED_BYTES = 200 * 1024 * 1024
 DEFAULT_MAX_COMPRESSION_RATIO = 100
+DEFAULT_MEETING_DURATION = timedelta(hours=1)
+MAX_AGENDA_BYTES = 64 * 1024
 SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB)?\s*$", re.IGNORECASE)
 SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
@@ -52,6 +55,12 @@ ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 EMAIL_RE = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9.-]+\.[A-Za-z0-9-]+$")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 OFFSET_RE = re.compile(r"^\s*([+-]?)(\d+)\s*([dhm])\s*$")
+DURATION_PART_RE = re.compile(r"\s*(\d+\s*[dhm])")
+# Agenda text: any character but the C0/C1 controls other than tab and line breaks.
+AGENDA_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# What may not reach a header besides CONTROL_RE: C1 controls and the Unicode line and paragraph separators.
+HEADER_UNSAFE_RE = re.compile(r"[\x80-\x9f\u2028\u2029]")
+AGENDA_FILE_RE = re.compile(r"^\S+\.(?:txt|md|text)$", re.IGNORECASE)
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 KeyPath = tuple[str | int, ...]
@@ -209,6 +218,41 @@ class Campaign:
 
 
 @dataclass(frozen=True)
+class Meeting:
+    """A (virtual) session: its notice reaches every invited delegation in its own language and local time.
+
+    Recipients are the delegations in ``invite`` (each in its language and time zone) and the ``extra``
+    addresses (observers, in the secretariat's language, with the time in the meeting's zone).
+    """
+
+    id: str
+    title: str
+    start: datetime  # aware, in `timezone`
+    timezone: str
+    duration: timedelta
+    invite: tuple[str, ...]  # delegation ids
+    link: str | None = None
+    agenda: str = ""
+    agenda_file: Path | None = None  # where the agenda was read from, when it was given as a file
+    extra: tuple[str, ...] = ()
+    reminders: tuple[timedelta, ...] = ()  # negative offsets from the start, earliest first
+    cancelled: bool = False
+    titles: Mapping[str, str] = field(default_factory=dict)  # per language, when given as {es: ..., en: ...}
+
+    def title_in(self, language: str) -> str:
+        """The title in a reader's language, falling back to the main title."""
+        return self.titles.get(language, self.title)
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return zone(self.timezone)
+
+    @property
+    def end(self) -> datetime:
+        return self.start + self.duration
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -218,7 +262,7 @@ class Config:
     store: Path
     delegations: tuple[Delegation, ...]
     campaigns: tuple[Campaign, ...]
-    meetings: tuple[Mapping[str, Any], ...] = ()
+    meetings: tuple[Meeting, ...] = ()
     inbound: InboundSettings = field(default_factory=InboundSettings)
     templates: Path | None = None
     fingerprint_secret: str | None = None
@@ -238,6 +282,10 @@ class Config:
     def _campaigns_by_id(self) -> dict[str, Campaign]:
         return {c.id: c for c in self.campaigns}
 
+    @cached_property
+    def _meetings_by_id(self) -> dict[str, Meeting]:
+        return {m.id: m for m in self.meetings}
+
     @property
     def base_dir(self) -> Path:
         return self.path.parent
@@ -247,6 +295,13 @@ class Config:
 
     def campaign(self, campaign_id: str) -> Campaign:
         return self._campaigns_by_id[campaign_id]
+
+    def meeting(self, meeting_id: str) -> Meeting:
+        return self._meetings_by_id[meeting_id]
+
+    def find_meeting(self, meeting_id: str) -> Meeting | None:
+        """The meeting of that id, or None when it is not (or no longer) in the configuration."""
+        return self._meetings_by_id.get(meeting_id)
 
     def campaign_delegations(self, campaign: Campaign) -> list[Delegation]:
         by_id = self._delegations_by_id
@@ -291,6 +346,18 @@ def parse_duration(text: str, units: str = "dhm") -> timedelta:
     if value <= timedelta(0) or str(text).strip().startswith(("-", "+")):
         raise ValueError(f"{text!r} is not a positive duration (e.g. 2d, 90m)")
     return value
+
+
+def parse_meeting_duration(text: str) -> timedelta:
+    """A meeting's length: ``90m``, ``2h``, or parts of :func:`parse_duration` put together (``1h30m``, ``1h 30m``)."""
+    value = str(text)
+    parts = DURATION_PART_RE.findall(value)
+    if not parts or "".join(parts).replace(" ", "") != value.replace(" ", "").strip():
+        raise ValueError(f"{text!r} is not a duration (e.g. 90m, 2h or 1h30m)")
+    total = timedelta(0)
+    for part in parts:
+        total += parse_duration(part.replace(" ", ""))
+    return total
 
 
 def validate_cron(expression: str, timezone: str) -> None:
@@ -598,6 +665,19 @@ _CAMPAIGN_KEYS = (
     "attachment_name",
 )
 _OVERDUE_KEYS = ("every", "max")
+_MEETING_KEYS = (
+    "id",
+    "title",
+    "start",
+    "timezone",
+    "duration",
+    "link",
+    "agenda",
+    "invite",
+    "extra",
+    "reminders",
+    "cancelled",
+)
 _INBOUND_KEYS = (
     "accept_untrusted",
     "max_message_size",
@@ -648,6 +728,7 @@ CACHE_WHEN_SLOWER_THAN_SECONDS = 0.15
 def _dependencies(config: Config) -> list[Path]:
     """The files a validated configuration depends on besides its own text: workbooks, template folder, this module."""
     paths = [c.workbook for c in config.campaigns] + ([config.templates] if config.templates else [])
+    paths += [m.agenda_file for m in config.meetings if m.agenda_file is not None]
     return [*paths, Path(__file__)]
 
 
@@ -687,13 +768,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
     store_value = top.string("store", "mailflow.db")
     delegations = _delegations(problems, top.raw("delegations"))
     campaigns = _campaigns(problems, top.raw("campaigns"), base, delegations, secretariat)
-    meetings_raw = top.raw("meetings")
-    meetings: tuple[Mapping[str, Any], ...] = ()
-    if meetings_raw is not None:
-        if isinstance(meetings_raw, list) and all(isinstance(m, dict) for m in meetings_raw):
-            meetings = tuple(meetings_raw)
-        else:
-            problems.add(("meetings",), "expected a list of meetings")
+    meetings = _meetings(problems, top.raw("meetings"), base, delegations, secretariat)
     inbound = _inbound(problems, top.raw("inbound"))
     templates_value = top.string("templates")
     templates = _resolve_path(base, templates_value) if templates_value else None
@@ -714,7 +789,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         store=_resolve_path(base, store_value or "mailflow.db"),
         delegations=tuple(delegations),
         campaigns=tuple(campaigns),
-        meetings=meetings,
+        meetings=tuple(meetings),
         inbound=inbound,
         templates=templates,
         fingerprint_secret=secret or None,
@@ -1143,9 +1218,12 @@ def _overdue(problems: _Problems, r: _Reader) -> OverduePolicy | None:
     return OverduePolicy(every, maximum if maximum is not None else DEFAULT_OVERDUE_MAX) if ok else None
 
 
-def _campaign_delegations(problems: _Problems, r: _Reader, known: list[str]) -> tuple[str, ...] | None:
-    value = r.raw("delegations")
-    key = r.path + ("delegations",)
+def _campaign_delegations(
+    problems: _Problems, r: _Reader, known: list[str], name: str = "delegations"
+) -> tuple[str, ...] | None:
+    """``all`` (or absent) or a list of known delegation ids, under the key ``name``."""
+    value = r.raw(name)
+    key = r.path + (name,)
     if value is None or value == "all":
         return tuple(known)
     if not isinstance(value, list):
@@ -1206,3 +1284,204 @@ def _attachment_name(problems: _Problems, r: _Reader) -> dict[str, str]:
             continue
         out[lang] = pattern
     return out
+
+
+# --------------------------------------------------------------------------
+# Meetings
+# --------------------------------------------------------------------------
+
+
+def _meetings(
+    problems: _Problems,
+    data: Any,
+    base: Path,
+    delegations: list[Delegation],
+    secretariat: Secretariat | None,
+) -> list[Meeting]:
+    """The optional ``meetings:`` list: each one checked, every problem named with its key."""
+    if data is None:
+        return []
+    out: list[Meeting] = []
+    seen: dict[str, int] = {}
+    known = [d.id for d in delegations]
+    default_zone = secretariat.timezone if secretariat is not None else None
+    for index, item in enumerate(_list_of_mappings(problems, data, ("meetings",), "meetings")):
+        path: KeyPath = ("meetings", index)
+        r = _Reader(problems, item, path, _MEETING_KEYS)
+        if not r.ok:
+            continue
+        ident = _check_id(problems, r, seen, index)
+        titles: dict[str, str] = {}
+        if isinstance(r.raw("title"), dict):
+            titles = _per_language(problems, r, "title")
+            title = titles.get("es") or titles.get("en")
+        else:
+            title = r.text_line("title", required=True)
+        if title and any(HEADER_UNSAFE_RE.search(t) for t in (title, *titles.values())):
+            problems.add(path + ("title",), "may not contain line breaks or control characters (it is the Subject)")
+            title = None
+        # Without a valid secretariat there is no default zone; that problem is reported already.
+        timezone = r.timezone("timezone", default_zone) if default_zone or r.has("timezone") else None
+        start = _meeting_start(problems, r, timezone)
+        duration = _meeting_duration(problems, r)
+        link, link_ok = _meeting_link(problems, r)
+        agenda, agenda_file, agenda_ok = _meeting_agenda(problems, r, base)
+        invite = _campaign_delegations(problems, r, known, "invite")
+        extra = tuple(dict.fromkeys(r.addresses("extra", required=False)))
+        reminders = _meeting_reminders(problems, r)
+        cancelled = r.boolean("cancelled", False)
+        if invite is not None and not invite and not extra:
+            problems.add(path + ("invite",), "the meeting invites nobody: list delegations, or add extra addresses")
+            invite = None
+        if (
+            ident
+            and title
+            and timezone
+            and start is not None
+            and duration is not None
+            and link_ok
+            and agenda_ok
+            and invite is not None
+            and reminders is not None
+        ):
+            out.append(
+                Meeting(
+                    id=ident,
+                    title=title,
+                    start=start,
+                    timezone=timezone,
+                    duration=duration,
+                    invite=invite,
+                    link=link,
+                    agenda=agenda,
+                    agenda_file=agenda_file,
+                    extra=extra,
+                    reminders=reminders,
+                    cancelled=cancelled,
+                    titles=titles,
+                )
+            )
+    return out
+
+
+def _meeting_start(problems: _Problems, r: _Reader, timezone: str | None) -> datetime | None:
+    """The start: a date and a time, read in the meeting's zone; a time the clocks skip is refused."""
+    value = r.raw("start")
+    key = r.path + ("start",)
+    if value is None:
+        problems.add(key, "is required: the date and time the meeting starts, e.g. 2017-11-15T08:30")
+        return None
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, date):
+        problems.add(key, f"{value.isoformat()} has no time of day; give both, e.g. {value.isoformat()}T08:30")
+        return None
+    else:
+        try:
+            moment = datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            problems.add(key, f"{value!r} is not a date and time (e.g. 2017-11-15T08:30)")
+            return None
+        if len(str(value).strip()) <= len("2017-11-15"):
+            problems.add(key, f"{value!r} has no time of day; give both, e.g. 2017-11-15T08:30")
+            return None
+    if timezone is None:
+        return None
+    tz = zone(timezone)
+    if moment.tzinfo is not None:
+        return moment.astimezone(tz)
+    local = moment.replace(tzinfo=tz)
+    # A wall-clock time skipped by a daylight-saving change does not exist: zoneinfo would shift it silently.
+    if local.astimezone(UTC).astimezone(tz).replace(tzinfo=None) != moment:
+        problems.add(
+            key,
+            f"{moment.isoformat(timespec='minutes')} does not exist in {timezone}: "
+            "the clocks skip that hour (daylight saving); choose another time",
+        )
+        return None
+    return local
+
+
+def _meeting_duration(problems: _Problems, r: _Reader) -> timedelta | None:
+    value = r.raw("duration")
+    if value is None:
+        return DEFAULT_MEETING_DURATION
+    if isinstance(value, (bool, int, float, list, dict)):
+        problems.add(r.path + ("duration",), f"{value!r} is not a duration: give a unit, e.g. 90m, 2h or 1h30m")
+        return None
+    try:
+        return parse_meeting_duration(str(value))
+    except ValueError as exc:
+        problems.add(r.path + ("duration",), str(exc))
+        return None
+
+
+def _meeting_link(problems: _Problems, r: _Reader) -> tuple[str | None, bool]:
+    """The connection link (``None`` when absent) and whether it is acceptable: one line, a web address."""
+    link = r.text_line("link")
+    if link is None:
+        return None, not r.has("link")
+    parts = urlsplit(link)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc or any(c.isspace() for c in link):
+        problems.add(r.path + ("link",), f"{link!r} is not a web address (e.g. https://meet.example.org/rcm)")
+        return None, False
+    return link, True
+
+
+def _meeting_agenda(problems: _Problems, r: _Reader, base: Path) -> tuple[str, Path | None, bool]:
+    """The agenda: inline text, or the file a one-line value names (relative to the config): (text, file, ok)."""
+    value = r.raw("agenda")
+    key = r.path + ("agenda",)
+    if value is None:
+        return "", None, True
+    if isinstance(value, (bool, dict, list)):
+        problems.add(key, f"expected the agenda text or a file name, found {_kind(value)}")
+        return "", None, False
+    text = str(value)
+    agenda_file: Path | None = None
+    one_line = "\n" not in text.strip()
+    candidate = _resolve_path(base, text.strip()) if one_line and text.strip() else None
+    if candidate is not None and candidate.is_file():
+        try:
+            data = candidate.read_bytes()
+            if len(data) > MAX_AGENDA_BYTES:
+                problems.add(key, f"agenda file {candidate} is larger than {MAX_AGENDA_BYTES // 1024} KB")
+                return "", None, False
+            text = data.decode("utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.add(key, f"cannot read the agenda file {candidate}: {exc}")
+            return "", None, False
+        agenda_file = candidate
+    elif candidate is not None and AGENDA_FILE_RE.match(text.strip()):
+        problems.add(key, f"agenda file {candidate} not found (a one-line agenda ending in .txt or .md names a file)")
+        return "", None, False
+    text = "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")).strip()
+    if AGENDA_CONTROL_RE.search(text):
+        problems.add(key, "the agenda may not contain control characters")
+        return "", None, False
+    return text, agenda_file, True
+
+
+def _meeting_reminders(problems: _Problems, r: _Reader) -> tuple[timedelta, ...] | None:
+    value = r.raw("reminders")
+    key = r.path + ("reminders",)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.add(key, 'expected a list of offsets before the start, e.g. ["-1d", "-1h"]')
+        return None
+    offsets: list[timedelta] = []
+    ok = True
+    for index, item in enumerate(value):
+        try:
+            offset = parse_offset(str(item))
+        except ValueError as exc:
+            problems.add(key + (index,), str(exc))
+            ok = False
+            continue
+        if offset >= timedelta(0):
+            problems.add(key + (index,), f"{item!r} is not before the start; a reminder needs a negative offset (-1h)")
+            ok = False
+            continue
+        offsets.append(offset)
+    return tuple(sorted(set(offsets))) if ok else None

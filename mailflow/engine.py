@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
-from mailflow import schedule
+from mailflow import meetings, schedule
 from mailflow.clock import Clock
-from mailflow.config import Campaign, Config, Delegation
+from mailflow.config import Campaign, Config, Delegation, Meeting
 from mailflow.errors import (
     MailflowError,
     PermanentSendError,
@@ -240,6 +241,7 @@ class Engine:
                     if decision.due or decision.superseded:
                         self._record_decision(campaign, delegation, decision, state, now, report)
             self._plan_digest(now, report)
+            self._plan_meetings(now, report)
         return report
 
     def open_campaigns(self, now: datetime) -> list[Campaign]:
@@ -273,6 +275,60 @@ class Engine:
         )
         if outbox_id is not None:
             report.planned += 1
+
+    def _meeting_rows(self) -> dict[str, list[OutboxRow]]:
+        """Every outbox row of a meeting email, by meeting id, in the order recorded."""
+        out: dict[str, list[OutboxRow]] = {}
+        for row in self.store.outbox(campaign=""):
+            if row.kind == meetings.MEETING:
+                out.setdefault(meetings.slot_meeting(row.slot), []).append(row)
+        return out
+
+    def _plan_meetings(self, now: datetime, report: TickReport) -> None:
+        """Notices, updates, cancellations and reminders of every meeting, configured or removed (mailflow.meetings)."""
+        index = meetings.load_index(self.store.get_meta(meetings.INDEX_KEY))
+        rows = self._meeting_rows()
+        domain = self.config.secretariat.domain
+        kept: list[str] = []
+        for ident in dict.fromkeys([*(m.id for m in self.config.meetings), *index]):
+            meeting = self.config.find_meeting(ident)
+            by_slot = {(row.delegation, row.slot): row for row in rows.get(ident, [])}
+            recorded: dict[str, dict[str, str]] = {}
+            for row in by_slot.values():
+                recorded.setdefault(row.delegation, {})[row.slot] = row.status.value
+            try:
+                state = meetings.MeetingState.from_text(self.store.get_meta(meetings.state_key(ident)))
+                recipients = meetings.recipients_of(meeting, self.config) if meeting else []
+                plan = meetings.plan_meeting(ident, meeting, recipients, state, recorded, now)
+            except (MailflowError, KeyError, ValueError) as exc:  # one bad meeting never stops the others
+                log.error("meeting %s: cannot plan: %s", ident, _describe(exc))
+                self.store.record_event(now, "meeting_failed", f"meeting {ident}: {_describe(exc)}")
+                kept.append(ident)
+                continue
+            for key in plan.obsolete:
+                self.store.mark_skipped(by_slot[key].id, plan.obsolete_reason)
+            for planned in plan.emails:
+                outbox_id = self.store.add_outbox(
+                    campaign="",
+                    delegation=planned.recipient,
+                    kind=meetings.MEETING,
+                    slot=planned.slot,
+                    message_id=make_message_id(domain, meetings.MEETING, planned.recipient, planned.slot),
+                    status=OutboxStatus.SKIPPED if planned.skipped else OutboxStatus.PENDING,
+                    scheduled_at=planned.at,
+                    created_at=now,
+                    reason=planned.skipped,
+                )
+                if outbox_id is not None and planned.skipped:
+                    report.skipped += 1
+                elif outbox_id is not None:
+                    report.planned += 1
+            if plan.save:
+                self.store.set_meta(meetings.state_key(ident), plan.state.to_text() if plan.state else "null")
+            if plan.state is not None:
+                kept.append(ident)
+        if kept != index:
+            self.store.set_meta(meetings.INDEX_KEY, json.dumps(kept))
 
     def _record_decision(
         self,
@@ -360,6 +416,7 @@ class Engine:
                     row.message_id,
                     now,
                     inbound_id=row.inbound_id,
+                    slot=row.slot,
                 )
             except (MailflowError, KeyError) as exc:
                 reason = f"cannot compose the {row.kind} for {row.delegation}: {_describe(exc)}"
@@ -550,10 +607,11 @@ class Engine:
         message_id: str,
         now: datetime,
         inbound_id: int | None = None,
+        slot: str = "",
     ) -> EmailMessage:
         """:meth:`compose_bytes` as an ``EmailMessage`` (for previews)."""
         raw = self.compose_bytes(
-            campaign_id, delegation_id, kind, scheduled_at, message_id, now, inbound_id=inbound_id
+            campaign_id, delegation_id, kind, scheduled_at, message_id, now, inbound_id=inbound_id, slot=slot
         ).raw
         message = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
@@ -568,10 +626,14 @@ class Engine:
         message_id: str,
         now: datetime,
         inbound_id: int | None = None,
+        slot: str = "",
     ) -> Composed:
-        """Render one email: to a delegation (a campaign email or a follow-up), or the Secretariat's digest."""
+        """Render one email: to a delegation (a campaign email or a follow-up), the Secretariat's digest, or
+        a meeting email (``slot`` says which, see :mod:`mailflow.meetings`)."""
         if kind == DIGEST:
             return self._compose_digest(message_id, now)
+        if kind == meetings.MEETING:
+            return self._compose_meeting(delegation_id, slot, message_id, now)
         if kind not in CAMPAIGN_KINDS and kind not in FOLLOW_UP_KINDS:
             known = ", ".join((*CAMPAIGN_KINDS, *FOLLOW_UP_KINDS))
             raise UsageError(f"unknown email kind {kind!r}; expected one of {known}")
@@ -634,6 +696,29 @@ class Engine:
             attachments=attachments,
         )
         return Composed(raw, rendered.subject, recipients)
+
+    def _compose_meeting(self, recipient: str, slot: str, message_id: str, now: datetime) -> Composed:
+        ident = meetings.slot_meeting(slot)
+        state = meetings.MeetingState.from_text(self.store.get_meta(meetings.state_key(ident)))
+        if state is None:
+            raise MailflowError(f"meeting {ident} has no recorded state (removed after it started)")
+        return self._meeting_bytes(meetings.meeting_email(self.config, state, recipient, slot, now), message_id, now)
+
+    def _meeting_bytes(self, mail: meetings.MeetingEmail, message_id: str, now: datetime) -> Composed:
+        rendered = self.renderer.render(meetings.MEETING, mail.language, mail.context)
+        secretariat = self.config.secretariat
+        raw = build_message_bytes(
+            rendered=rendered,
+            from_name=secretariat.name,
+            from_address=secretariat.address,
+            to=list(mail.to),
+            reply_to=secretariat.address,
+            message_id=message_id,
+            date=now,
+            headers=mail.headers,
+            attachments=mail.attachments,
+        )
+        return Composed(raw, rendered.subject, list(mail.to))
 
     def _compose_digest(self, message_id: str, now: datetime) -> Composed:
         """The status digest for the Secretariat, with each open campaign's consolidated workbook."""
@@ -755,6 +840,49 @@ class Engine:
         slot_key, scheduled_at = (chosen.key, chosen.at) if chosen else (kind, now)
         message_id = self._message_id(campaign, delegation, slot_key)
         return self.compose(campaign.id, delegation_id, kind, scheduled_at, message_id, now)
+
+    def preview_meeting(self, recipient: str, meeting_id: str | None, now: datetime) -> EmailMessage:
+        """The notice of a meeting (its cancellation, if cancelled) as a new invitee would get it now."""
+        meeting = self.pick_meeting(meeting_id)
+        key = meetings.invitee_key(meeting, recipient)
+        if key is None:
+            known = ", ".join([*meeting.invite, *meeting.extra]) or "nobody"
+            raise UsageError(f"{recipient!r} is not invited to meeting {meeting.id} (invited: {known})")
+        state = meetings.MeetingState.from_text(self.store.get_meta(meetings.state_key(meeting.id)))
+        preview, slot = meetings.preview_state(meeting, state)
+        mail = meetings.meeting_email(self.config, preview, key, slot, now)
+        domain = self.config.secretariat.domain
+        raw = self._meeting_bytes(mail, make_message_id(domain, meetings.MEETING, key, slot), now).raw
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        return message
+
+    def pick_meeting(self, meeting_id: str | None) -> Meeting:
+        known = ", ".join(m.id for m in self.config.meetings) or "none configured"
+        if meeting_id is None:
+            if len(self.config.meetings) == 1:
+                return self.config.meetings[0]
+            raise UsageError(f"several meetings or none: choose one with --meeting ({known})")
+        meeting = self.config.find_meeting(meeting_id)
+        if meeting is None:
+            raise UsageError(f"unknown meeting {meeting_id!r} (known: {known})")
+        return meeting
+
+    def meeting_status(self, now: datetime) -> list[meetings.MeetingStatus]:
+        """Every configured meeting that has not ended: who is invited, and what reached them."""
+        rows = self._meeting_rows()
+        out: list[meetings.MeetingStatus] = []
+        for meeting in self.config.meetings:
+            if meeting.end <= now:
+                continue
+            state = meetings.MeetingState.from_text(self.store.get_meta(meetings.state_key(meeting.id)))
+            views = [
+                meetings.RowView(r.delegation, r.slot, r.status.value, r.sent_at, r.last_error)
+                for r in rows.get(meeting.id, [])
+            ]
+            recipients = meetings.recipients_of(meeting, self.config)
+            out.append(meetings.meeting_status(meeting, recipients, state, views, now))
+        return out
 
     def pick_campaign(self, campaign_id: str | None) -> Campaign:
         if campaign_id is None:

@@ -203,7 +203,7 @@ class Intake:
                 inbound.KIND_UNRELATED,
                 None,
                 None,
-                "",
+                evidence,
                 None,
                 UNRELATED,
                 "not about any campaign: left in the inbox for a person",
@@ -329,9 +329,14 @@ class Intake:
             sent = self.store.sent_message_ids(thread)
             for message_id in thread:
                 if message_id in sent:
+                    if not sent[message_id][0]:
+                        # An answer to a meeting notice or a digest: not a return for any campaign.
+                        return None, None, f"in reply to {message_id}, which belongs to no campaign"
                     found = self._pair(*sent[message_id])
                     if found:
                         return found[0], found[1], f"in reply to {message_id}"
+        if any(a.content_type.startswith("text/calendar") for a in message.attachments):
+            return None, None, "a calendar answer (accepted, declined), not a return"
         reference = parse_subject_reference(message.subject)
         if reference is not None:
             ref, delegation_id = reference

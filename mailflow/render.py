@@ -55,7 +55,11 @@ DELEGATION_KINDS = CAMPAIGN_KINDS + FOLLOW_UP_KINDS
 SECRETARIAT_KINDS = ("digest",)
 """Emails to the Secretariat itself: the status digest (context from :func:`mailflow.digest.digest_context`)."""
 
-KINDS_WITH_TEMPLATES = DELEGATION_KINDS + SECRETARIAT_KINDS
+MEETING_KINDS = ("meeting",)
+"""Emails about a meeting, outside any campaign, to a delegation or an observer: notice, update, cancellation
+or reminder (the context's ``action``; context from :func:`mailflow.meetings.meeting_context`)."""
+
+KINDS_WITH_TEMPLATES = DELEGATION_KINDS + SECRETARIAT_KINDS + MEETING_KINDS
 """Kinds of email that have a subject, text and HTML template in every language."""
 
 FOLLOW_UP_CONTEXT_KEYS = (
@@ -255,11 +259,16 @@ class RenderedEmail:
 
 @dataclass(frozen=True)
 class Attachment:
-    """A file attached to an outgoing email (by default, an .xlsx workbook)."""
+    """A file attached to an outgoing email (by default, an .xlsx workbook).
+
+    ``parameters`` are Content-Type parameters written before the file name, each a
+    token pair: ``(("method", "REQUEST"), ("charset", "utf-8"))`` for a calendar invitation.
+    """
 
     filename: str
     content: bytes
     mime_type: str = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+    parameters: tuple[tuple[str, str], ...] = ()
 
 
 class _HeaderValueError(ValueError):
@@ -509,10 +518,13 @@ def example_context(kind: str, language: str) -> dict[str, Any]:
     * ``deadline_passed`` (bool).
 
     The digest (:data:`SECRETARIAT_KINDS`) gets its own context instead, the
-    shape :func:`mailflow.digest.digest_context` documents (see :func:`_example_digest`).
+    shape :func:`mailflow.digest.digest_context` documents (see :func:`_example_digest`);
+    so does a meeting email (:data:`MEETING_KINDS`, see :func:`_example_meeting`).
     """
     if kind in SECRETARIAT_KINDS:
         return _example_digest(language)
+    if kind in MEETING_KINDS:
+        return _example_meeting(language)
     name = "Honduras"
     deadline = date(2017, 10, 23)
     missing = [{"key": f"{line}.{n}", "label": f"Action {line}.{n}"} for line in range(1, 5) for n in range(1, 6)]
@@ -752,6 +764,127 @@ def _example_digest(language: str) -> dict[str, Any]:
     }
 
 
+_EXAMPLE_MEETING_WORDS = {
+    "es": {
+        "title": "Sesión virtual de la Red de Funcionarios de Enlace",
+        "agenda": "1. Columna «Responsable» del Plan Estratégico\n2. Próximos pasos",
+        "duration": "1 hora y 30 minutos",
+        "places": [
+            ["Belize", "Costa Rica", "El Salvador", "Guatemala", "Honduras", "México (Ciudad de México)", "Nicaragua"],
+            ["Canada (Toronto)", "Panamá", "United States (Nueva York)"],
+            ["República Dominicana"],
+        ],
+        "calendar": {"REQUEST": "invitacion.ics", "CANCEL": "cancelacion.ics"},
+        "observer_zone": "hora de Costa Rica",
+    },
+    "en": {
+        "title": "Virtual session of the Liaison Officers Network",
+        "agenda": "1. Responsible column of the Strategic Plan\n2. Next steps",
+        "duration": "1 hour 30 minutes",
+        "places": [
+            ["Belize", "Costa Rica", "El Salvador", "Guatemala", "Honduras", "México (Mexico City)", "Nicaragua"],
+            ["Canada (Toronto)", "Panamá", "United States (New York)"],
+            ["República Dominicana"],
+        ],
+        "calendar": {"REQUEST": "invitation.ics", "CANCEL": "cancellation.ics"},
+        "observer_zone": "Costa Rica Time",
+    },
+}
+
+
+def _example_meeting(language: str) -> dict[str, Any]:
+    """The notice of the seed's session (15 November 2017, 8:30 in San José) to Honduras.
+
+    The shape :func:`mailflow.meetings.meeting_context` builds: ``action`` (``notice``,
+    ``update``, ``cancel`` or ``reminder``), ``recipient`` (``id``, ``name``,
+    ``is_delegation``: false for an observer), ``meeting`` (title, link, agenda and its
+    lines, the start written in the reader's time zone and language, the name of the
+    attached calendar file, empty for a reminder), ``times`` (the start in every invited
+    delegation's zone, grouped by identical local time), ``changes`` (an update's
+    ``{what: title|time|link, before, after}``) and ``reminder`` (``{offset}`` or None).
+    """
+    words = _EXAMPLE_MEETING_WORDS.get(language, _EXAMPLE_MEETING_WORDS["en"])
+    day = format_date(date(2017, 11, 15), language)
+    agenda = words["agenda"]
+    assert isinstance(agenda, str)
+    places = words["places"]
+    assert isinstance(places, list)
+    calendar = words["calendar"]
+    assert isinstance(calendar, dict)
+    return {
+        "kind": "meeting",
+        "action": "notice",
+        "language": language,
+        "secretariat": {"name": "Technical Secretariat of the RCM", "address": "ts@example.org"},
+        "recipient": {"id": "HN", "name": "Honduras", "is_delegation": True},
+        "meeting": {
+            "id": "network-2017-11-15",
+            "title": words["title"],
+            "link": "https://meet.example.org/rcm?session=2017-11-15&lang=es",
+            "agenda": agenda,
+            "agenda_lines": agenda.split("\n"),
+            "date_text": day,
+            "time_text": "8:30",
+            "end_time_text": "10:00",
+            "when_text": f"{day}, 8:30–10:00",
+            "duration_text": words["duration"],
+            "timezone_label": timezone_label("Honduras", language),
+            "sequence": 0,
+            "calendar_file": calendar["REQUEST"],
+        },
+        "times": [
+            {"time_text": time, "date_text": None, "places": names, "places_text": ", ".join(names)}
+            for time, names in zip(("8:30", "9:30", "10:30"), places, strict=True)
+        ],
+        "changes": [],
+        "reminder": None,
+    }
+
+
+def _meeting_variants(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The notice; an update of every field; a cancellation; a reminder; an observer's notice without link or agenda."""
+    language = base["language"]
+    words = _EXAMPLE_MEETING_WORDS.get(language, _EXAMPLE_MEETING_WORDS["en"])
+    calendar = words["calendar"]
+    assert isinstance(calendar, dict)
+    meeting = base["meeting"]
+    later = format_date(date(2017, 11, 16), language)
+    update = {
+        **base,
+        "action": "update",
+        "meeting": {**meeting, "sequence": 1, "date_text": later, "when_text": f"{later}, 8:30–10:00"},
+        "changes": [
+            {"what": "title", "before": "Sesión virtual", "after": meeting["title"]},
+            {"what": "time", "before": meeting["when_text"], "after": f"{later}, 8:30–10:00"},
+            {"what": "link", "before": "https://meet.example.org/old", "after": meeting["link"]},
+            {"what": "link", "before": "", "after": meeting["link"]},
+            {"what": "link", "before": meeting["link"], "after": ""},
+        ],
+    }
+    cancel = {
+        **base,
+        "action": "cancel",
+        "meeting": {**meeting, "sequence": 2, "calendar_file": calendar["CANCEL"]},
+    }
+    reminder = {
+        **base,
+        "action": "reminder",
+        "meeting": {**meeting, "calendar_file": ""},
+        "reminder": {"offset": "-1h"},
+    }
+    observer = {
+        **base,
+        "recipient": {
+            "id": "extra:observer@iom.example.org",
+            "name": "observer@iom.example.org",
+            "is_delegation": False,
+        },
+        "meeting": {**meeting, "link": "", "agenda": "", "agenda_lines": [], "timezone_label": words["observer_zone"]},
+        "times": [*base["times"][:2], {**base["times"][2], "date_text": later}],
+    }
+    return [base, update, cancel, reminder, observer]
+
+
 def _digest_variants(base: dict[str, Any]) -> list[dict[str, Any]]:
     """The example digest, the first one with nothing to report and the inbox never read, and one cut short."""
     health = base["health"]
@@ -820,6 +953,8 @@ def _check_contexts(kind: str, language: str) -> list[dict[str, Any]]:
     base = example_context(kind, language)
     if kind in SECRETARIAT_KINDS:
         return _digest_variants(base)
+    if kind in MEETING_KINDS:
+        return _meeting_variants(base)
     if kind not in FOLLOW_UP_KINDS:
         return [base]
     over = MISSING_LIST_LIMIT + 2
@@ -876,6 +1011,7 @@ _MESSAGE_ID_RE = re.compile(rf"<{_MESSAGE_ID_CHAR}+@{_MESSAGE_ID_CHAR}+>")
 # A MIME type made of two RFC 2045 tokens.
 _MIME_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
 _MIME_TYPE_RE = re.compile(rf"{_MIME_TOKEN}/{_MIME_TOKEN}")
+_MIME_TOKEN_RE = re.compile(_MIME_TOKEN)
 # Characters that may not stand unquoted in a display name (RFC 5322 "specials").
 _PHRASE_SPECIALS_RE = re.compile(r'[][\\()<>@,:;".]')
 
@@ -1153,8 +1289,13 @@ def _attachment_part(attachment: Attachment) -> bytes:
     ):
         raise TemplateError(f"attachment {attachment.filename!r}: {attachment.mime_type!r} is not a MIME type")
     name, filename = _filename_parameters(attachment.filename)
+    extra = ""
+    for key, value in attachment.parameters:
+        if not _MIME_TOKEN_RE.fullmatch(key) or not _MIME_TOKEN_RE.fullmatch(value):
+            raise TemplateError(f"attachment {attachment.filename!r}: {key}={value!r} is not a Content-Type parameter")
+        extra += f" {key}={value};"
     head = (
-        f"Content-Type: {attachment.mime_type};{_CRLF} {name}{_CRLF}"
+        f"Content-Type: {attachment.mime_type};{extra}{_CRLF} {name}{_CRLF}"
         f"Content-Transfer-Encoding: base64{_CRLF}"
         f"Content-Disposition: attachment;{_CRLF} {filename}{_CRLF}{_CRLF}"
     )

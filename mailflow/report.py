@@ -8,6 +8,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from mailflow.engine import CampaignStatus
+from mailflow.meetings import MeetingStatus
 
 BAR_WIDTH = 10
 
@@ -59,6 +60,42 @@ def format_status_table(campaigns: Sequence[CampaignStatus], tz: ZoneInfo) -> st
         lines.append(f"{complete} of {len(campaign.delegations)} delegations complete")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else "no campaigns configured"
+
+
+def format_meetings_table(meetings: Sequence[MeetingStatus], tz: ZoneInfo) -> str:
+    """Upcoming meetings, and for each who is invited and whether their notice went out; secretariat time."""
+    blocks: list[str] = []
+    for meeting in meetings:
+        start, end = meeting.start.astimezone(tz), meeting.end.astimezone(tz)
+        facts = [f"{_when(start, tz)}–{end:%H:%M}"]
+        if meeting.cancelled:
+            facts.append("CANCELLED")
+        elif not meeting.announced:
+            facts.append("not announced yet")
+        else:
+            facts.append(f"version {meeting.sequence}")
+        if meeting.next_reminder_at:
+            facts.append(f"next reminder {_when(meeting.next_reminder_at, tz)}")
+        lines = [f"Meeting: {meeting.title} [{meeting.id}] — {'; '.join(facts)} ({tz.key})"]
+        header = ("Invited", "Email", "Status", "Sent", "Notes")
+        rows = [
+            (
+                i.name if i.name == i.id or i.id.startswith("extra:") else f"{i.name} ({i.id})",
+                i.what or "-",
+                i.status,
+                _when(i.sent_at, tz),
+                i.error or "",
+            )
+            for i in meeting.invitees
+        ]
+        widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+        lines.append("  ".join("-" * w for w in widths))
+        lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+        reached = sum(1 for i in meeting.invitees if i.status == "sent")
+        lines.append(f"{reached} of {len(meeting.invitees)} invited reached")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) if blocks else "no upcoming meetings"
 
 
 def format_inspection(result: Mapping[str, Any]) -> str:

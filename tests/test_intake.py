@@ -119,3 +119,47 @@ def test_answers_history_latest_wins_and_identical_files_count_once(local: Any) 
     assert history == [("1.1", "Ministerio A", False), ("1.2", "Ministerio B", True), ("1.1", "Ministerio C", True)]
     attachments = [a for row in engine.store.inbound_rows(delegation="NI") for a in engine.store.attachments(row.id)]
     assert [a.duplicate_of is not None for a in attachments] == [False, True, False]
+
+
+def test_answers_to_a_meeting_notice_or_a_calendar_reply_are_not_returns(local: Any) -> None:
+    from mailflow.store import OutboxStatus
+
+    engine, clock, requests, inbox = local
+    notice_id = "<mailflow.meeting.HN.notice@example.org>"
+    with engine.store.transaction():
+        engine.store.add_outbox(
+            campaign="",
+            delegation="HN",
+            kind="meeting",
+            slot="m/notice:0",
+            message_id=notice_id,
+            status=OutboxStatus.SENT,
+            scheduled_at=OPENS,
+            created_at=OPENS,
+        )
+    answer = reply_to(
+        requests["HN"],
+        sender="enlace@sre.example.hn",
+        subject="Re: Sesión virtual",
+        body="Confirmamos nuestra participación.",
+        thread=False,
+        headers={"In-Reply-To": notice_id, "References": notice_id},
+    )
+    inbox.add(answer)
+    accepted = reply_to(
+        requests["CR"], sender="enlace@pani.example.cr", subject="Aceptado: Sesión virtual", body="", thread=False
+    )
+    message = email.message_from_bytes(accepted, policy=default)
+    message.add_attachment(
+        b"BEGIN:VCALENDAR\r\nMETHOD:REPLY\r\nEND:VCALENDAR\r\n",
+        maintype="text",
+        subtype="calendar",
+        filename="invite.ics",
+    )
+    inbox.add(message.as_bytes())
+    clock.set(OPENS + timedelta(hours=1))
+    report = engine.tick()
+    assert report.inbox.by_outcome == {"unrelated": 2}
+    assert report.sent == []  # no "no workbook attached" answer to a meeting reply
+    reasons = [row.evidence for row in engine.store.inbound_rows(outcome="unrelated")]
+    assert any("belongs to no campaign" in r for r in reasons) and any("calendar answer" in r for r in reasons)

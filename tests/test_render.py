@@ -27,6 +27,7 @@ from mailflow.render import (
     FOLLOW_UP_CONTEXT_KEYS,
     FOLLOW_UP_KINDS,
     KINDS_WITH_TEMPLATES,
+    MEETING_KINDS,
     MISSING_LIST_LIMIT,
     REFERENCE_RE,
     SECRETARIAT_KINDS,
@@ -595,7 +596,7 @@ def _plain(html: str) -> str:
 def test_follow_up_kinds_are_registered() -> None:
     assert FOLLOW_UP_KINDS == ("receipt", "missing", "unreadable")
     assert DELEGATION_KINDS == CAMPAIGN_KINDS + FOLLOW_UP_KINDS
-    assert set(KINDS_WITH_TEMPLATES) == set(DELEGATION_KINDS) | set(SECRETARIAT_KINDS)
+    assert set(KINDS_WITH_TEMPLATES) == set(DELEGATION_KINDS) | set(SECRETARIAT_KINDS) | set(MEETING_KINDS)
     for language in LANGUAGES:
         for kind in FOLLOW_UP_KINDS:
             context = example_context(kind, language)

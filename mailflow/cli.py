@@ -7,8 +7,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -160,7 +162,11 @@ def run(args: argparse.Namespace) -> int:
         engine = Engine(config, store, make_transport(config), clock, mailbox=mailbox)
         now = clock.now()
         if args.command == "tick":
-            report = engine.tick()
+            with _stop_on_signals() as stopping:
+                engine.stop_requested = stopping.is_set
+                report = engine.tick()
+            if stopping.is_set():
+                print("tick stopped by a signal after the email or message in hand; the rest waits for the next tick")
             if report.inbox is not None:
                 inbox = report.inbox
                 outcomes = ", ".join(f"{count} {name}" for name, count in sorted(inbox.by_outcome.items()))
@@ -213,6 +219,22 @@ def run(args: argparse.Namespace) -> int:
             print(_preview_text(message, html=args.html))
             return 0
     raise UsageError(f"unknown command {args.command!r}")
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM and SIGINT ask the pass to stop after the email or message in hand (never in between)."""
+    stopping = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stopping
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _delegation(config: Config, ident: str) -> Delegation:

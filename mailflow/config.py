@@ -46,6 +46,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
 DEFAULT_MAX_ATTACHMENT_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_UNCOMPRESSED_BYTES = 200 * 1024 * 1024
 DEFAULT_MAX_COMPRESSION_RATIO = 100
+DEFAULT_MAX_FOLLOW_UPS_PER_DAY = 5
 DEFAULT_MEETING_DURATION = timedelta(hours=1)
 MAX_AGENDA_BYTES = 64 * 1024
 SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB)?\s*$", re.IGNORECASE)
@@ -53,7 +54,8 @@ SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 EMAIL_RE = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9.-]+\.[A-Za-z0-9-]+$")
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Characters that may not reach an email header: C0 and C1 controls and the Unicode line separators.
+CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 OFFSET_RE = re.compile(r"^\s*([+-]?)(\d+)\s*([dhm])\s*$")
 DURATION_PART_RE = re.compile(r"\s*(\d+\s*[dhm])")
 # Agenda text: any character but the C0/C1 controls other than tab and line breaks.
@@ -82,7 +84,7 @@ class SmtpSettings:
     port: int
     security: str = "starttls"
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     timeout: float = DEFAULT_TIMEOUT_SECONDS
     oauth2_token_command: str | None = None  # prints an OAuth2 access token: login with XOAUTH2
     ca_file: Path | None = None  # trust this CA bundle (a private server) instead of the system's
@@ -96,7 +98,7 @@ class ImapSettings:
     port: int
     security: str = "ssl"
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     folder: str = "INBOX"
     processed_folder: str = DEFAULT_PROCESSED_FOLDER
     timeout: float = DEFAULT_TIMEOUT_SECONDS
@@ -135,6 +137,7 @@ class InboundSettings:
     max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES
     max_uncompressed_bytes: int = DEFAULT_MAX_UNCOMPRESSED_BYTES
     max_compression_ratio: int = DEFAULT_MAX_COMPRESSION_RATIO
+    max_follow_ups_per_day: int = DEFAULT_MAX_FOLLOW_UPS_PER_DAY  # answers to one delegation in 24 hours
 
 
 @dataclass(frozen=True)
@@ -684,6 +687,7 @@ _INBOUND_KEYS = (
     "max_attachment_size",
     "max_uncompressed_size",
     "max_compression_ratio",
+    "max_follow_ups_per_day",
 )
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -742,12 +746,17 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{where}: not valid YAML: {problem}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{source}: values are nested too deeply to be a mailflow configuration"]) from None
     problems = _Problems(source, text)
     if not isinstance(data, dict):
         problems.add((), "the configuration must be a mapping with secretariat, mail, delegations, campaigns")
         raise ConfigError(problems.sorted())
     missing_env: list[KeyPath] = []
-    data = substitute_env(data, environ, (), missing_env)
+    try:
+        data = substitute_env(data, environ, (), missing_env)
+    except RecursionError:
+        raise ConfigError([f"{source}: values are nested too deeply to be a mailflow configuration"]) from None
     base = path.resolve().parent
 
     top = _Reader(problems, data, (), _TOP_KEYS)
@@ -967,6 +976,8 @@ def _inbound(problems: _Problems, data: Any) -> InboundSettings:
         max_attachment_bytes=sizes["max_attachment_size"],
         max_uncompressed_bytes=sizes["max_uncompressed_size"],
         max_compression_ratio=ratio or defaults.max_compression_ratio,
+        max_follow_ups_per_day=r.integer("max_follow_ups_per_day", defaults.max_follow_ups_per_day, minimum=1)
+        or defaults.max_follow_ups_per_day,
     )
 
 

@@ -18,7 +18,7 @@ import email
 import email.policy
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -156,6 +156,9 @@ class Engine:
         self.clock = clock
         self.mailbox = mailbox
         self.renderer = renderer or Renderer(config.templates)
+        # Asked between two emails and between two received messages: a stop (SIGTERM) finishes the one
+        # in hand, records it, and leaves the rest for the next pass.
+        self.stop_requested: Callable[[], bool] = lambda: False
         self._layouts: dict[str, MasterLayout] = {}
         self._factories: dict[str, RequestWorkbookFactory] = {}
         self._secret: bytes | None = None
@@ -463,6 +466,9 @@ class Engine:
         }
         with Batch(self.transport) as batch:
             for index, row in enumerate(rows):
+                if self.stop_requested():
+                    log.info("stopping: %s email(s) left for the next pass", len(rows) - index)
+                    break
                 if self._no_longer_needed(row):
                     continue
                 gone = refused_before.get(row.delegation, set())
@@ -534,7 +540,10 @@ class Engine:
                 outbox_id=row.id,
             )
             for address, (code, text) in refused.items():
-                self._refuse(row, address, code, text, now)
+                if code >= 500:
+                    self._refuse(row, address, code, text, now)
+                else:
+                    self._retry_for(row, address, f"{code} {text}", now)
             if row.kind == schedule.REQUEST and row.campaign:
                 self.store.advance_state(
                     row.campaign,
@@ -546,6 +555,35 @@ class Engine:
                 )
         report.sent.append(row.id)
         log.info("sent %s to %s (%s)", row.kind, row.delegation or "secretariat", ", ".join(recipients))
+
+    def _retry_for(self, row: OutboxRow, address: str, error: str, now: datetime) -> None:
+        """A contact refused for now (4xx at RCPT) while others accepted: the same email, to that contact
+        only, later. The copy keeps the original Message-ID header; its outbox key names the contact."""
+        slot = f"{row.slot}>{address.lower()}"
+        outbox_id = self.store.add_outbox(
+            campaign=row.campaign,
+            delegation=row.delegation,
+            kind=row.kind,
+            slot=slot,
+            message_id=f"{row.message_id}>{address.lower()}",
+            status=OutboxStatus.PENDING,
+            scheduled_at=now,
+            created_at=now,
+            inbound_id=row.inbound_id,
+        )
+        if outbox_id is None:
+            return
+        self.store.set_body(outbox_id, self.store.body(row.id), subject=row.subject, recipients=[address])
+        self.store.mark_retry(outbox_id, f"{address} refused for now: {error}", now + self._backoff(1))
+        self.store.record_event(
+            now,
+            "send_retry",
+            f"{address} refused for now: {error}; retried for that contact only",
+            campaign=row.campaign,
+            delegation=row.delegation,
+            detail={"address": address, "kind": row.kind, "slot": slot},
+            outbox_id=outbox_id,
+        )
 
     def _refuse(self, row: OutboxRow, address: str, code: int | None, text: str, now: datetime) -> None:
         self.store.record_refusal(address, row.delegation, code, text, now, row.id)

@@ -45,11 +45,12 @@ KIND_BOUNCE = "bounce"
 KIND_UNRELATED = "unrelated"
 """Kinds of received message. ``unrelated`` is never set here: attribution decides it."""
 
-WORKBOOK_EXTENSIONS = (".xlsx", ".xlsm", ".xls", ".ods")
+WORKBOOK_EXTENSIONS = (".xlsx", ".xlsm", ".xls", ".ods", ".xlsb")  # .xlsb is recognised to be refused clearly
 WORKBOOK_CONTENT_TYPES = frozenset(
     {
         "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
         "application/vnd.ms-excel.sheet.macroenabled.12",
+        "application/vnd.ms-excel.sheet.binary.macroenabled.12",
         "application/vnd.ms-excel",
         "application/vnd.oasis.opendocument.spreadsheet",
         "application/msexcel",
@@ -864,6 +865,7 @@ def _body_of(
 # ==========================================================================
 
 _ANGLE_ID_RE = re.compile(r"<([^<>]{1,998})>")
+_ANGLE_ADDRESS_RE = re.compile(r"<([^<>@\s]{1,256}@[^<>@\s]{1,256})>")
 _WHITESPACE_RE = re.compile(r"[\s\x00-\x1f\x7f]+")
 
 
@@ -1021,7 +1023,13 @@ def parse_authentication_results(values: Sequence[str], from_domain: str | None)
     domain = (from_domain or "").strip().strip(".").lower()
     failing: list[str] = []
     by_method = {method: [r for r in results if r.method == method] for method in _AR_METHODS}
-    if any(r.result == "fail" for r in by_method["dmarc"]):
+    if any(r.result == "fail" for r in by_method["dmarc"]) or (
+        # The server judged another From domain than the one read here: a From built to be read two ways.
+        domain
+        and any(
+            (r.properties.get("header.from") or domain).strip().strip(".").lower() != domain for r in by_method["dmarc"]
+        )
+    ):
         failing.append("dmarc")
     if domain:
         if any(
@@ -1614,9 +1622,15 @@ def _parse(raw: bytes, limits: Limits, problems: _Problems) -> Message:
     if len(from_values) > 1:
         problems.add(f"{len(from_values)} From headers: the first was used")
     senders = _addresses(from_values[0] if from_values else None)
-    if len(senders) > 1:
-        problems.add(f"{len(senders)} addresses in From: the first was used")
     from_name, from_address = senders[0] if senders else ("", None)
+    angle = _ANGLE_ADDRESS_RE.findall(from_values[0]) if from_values else []
+    if len(from_values) > 1 or len(senders) > 1 or len(angle) > 1:
+        # Several authors, or a display name holding an address: a reader could take either one.
+        problems.add("the From header names several addresses: the sender cannot be told, it is not trusted")
+        from_address = None
+    elif len(angle) == 1 and from_address != angle[0].strip().lower():
+        # What mail clients show and DMARC checks is the address in angle brackets.
+        from_address = angle[0].strip().lower()
     if from_address is not None and "@" not in from_address:
         problems.add(f"From address {_quote_for_problem(from_address, 60)!r} has no domain")
     date = _parse_date(headers.get("Date"))

@@ -14,12 +14,12 @@ import hashlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from mailflow import inbound
 from mailflow.config import Campaign, Config, Delegation
-from mailflow.errors import MailflowError
+from mailflow.errors import MailflowError, StoreError
 from mailflow.mailbox import Fetched, Mailbox, MailboxError
 from mailflow.render import make_message_id, parse_subject_reference
 from mailflow.returns import (
@@ -55,6 +55,7 @@ DUPLICATE = "duplicate"  # the same message seen again (e.g. after a UIDVALIDITY
 TOO_LARGE = "too_large"
 FAILED = "failed"  # processing raised: kept with the reason, for an operator to re-run
 MOVABLE = frozenset({APPLIED, HELD, AUTO_REPLY, BOUNCE})
+MAX_ROW_CHANGES = 200  # rows added, deleted or changed outside the fill column recorded per reply, of each kind
 
 NO_WORKBOOK_REASON = {
     "es": "no encontramos un libro de Excel adjunto ni respuestas en el texto del mensaje",
@@ -211,6 +212,19 @@ class Intake:
         trusted = self._trusted(message, delegation)
         if message.kind == inbound.KIND_BOUNCE:
             failed = ", ".join(f"{f.recipient} {f.status}" for f in message.failures) or "no recipient named"
+            if not evidence.startswith("in reply to"):
+                # Anyone can write a delivery report: only one that returns an email we sent marks a contact.
+                return Analysis(
+                    digest,
+                    message,
+                    inbound.KIND_BOUNCE,
+                    campaign,
+                    delegation,
+                    evidence,
+                    trusted,
+                    HELD,
+                    f"held for review: a delivery report ({failed}) that returns no email mailflow sent",
+                )
             return Analysis(
                 digest,
                 message,
@@ -549,7 +563,20 @@ class Intake:
                 at=now,
             )
             for kind, changes in (("added", reading.added), ("deleted", reading.deleted), ("changed", reading.changed)):
-                for change in changes:
+                if len(changes) > MAX_ROW_CHANGES:
+                    # A sheet rebuilt by the delegation: the first ones tell enough, and the digest stays small.
+                    self.store.add_row_change(
+                        campaign.id,
+                        delegation.id,
+                        inbound_id,
+                        key="…",
+                        change=kind,
+                        column="",
+                        before="",
+                        after=f"and {len(changes) - MAX_ROW_CHANGES} more rows {kind}",
+                        at=now,
+                    )
+                for change in changes[:MAX_ROW_CHANGES]:
                     self.store.add_row_change(
                         campaign.id,
                         delegation.id,
@@ -588,6 +615,8 @@ class Intake:
             reason=f"reply received: {filled}/{len(layout.keys)} answered ({changed} recorded from it)",
             last_reply_at=now,
         )
+        if analysis.follow_up is not None and self._follow_up_capped(campaign, delegation, inbound_id, now):
+            return
         if analysis.follow_up is not None:
             slot = f"reply:{inbound_id}"
             self.store.add_outbox(
@@ -602,6 +631,24 @@ class Intake:
                 inbound_id=inbound_id,
                 reason=None,
             )
+
+    def _follow_up_capped(self, campaign: Campaign, delegation: Delegation, inbound_id: int, now: datetime) -> bool:
+        """At most ``inbound.max_follow_ups_per_day`` answers a day to one delegation: no mail loop with a
+        responder that marks nothing as automatic."""
+        cap = self.config.inbound.max_follow_ups_per_day
+        sent = self.store.count_outbox(delegation.id, FOLLOW_UP_KINDS, since=now - timedelta(days=1))
+        if sent < cap:
+            return False
+        self.store.record_event(
+            now,
+            "follow_up_capped",
+            f"no answer sent: {sent} already in the last 24 hours (inbound.max_follow_ups_per_day: {cap})",
+            campaign=campaign.id,
+            delegation=delegation.id,
+            detail={"inbound_id": inbound_id},
+        )
+        log.warning("no follow-up to %s: %s already sent in 24 hours", delegation.id, sent)
+        return True
 
     # -- the mailbox ------------------------------------------------------------
 
@@ -631,6 +678,9 @@ class Intake:
             to_move = [uid for uid, row in known.items() if not row.moved and row.outcome in MOVABLE]
             new = [uid for uid in session.uids() if uid not in known]
             for fetched in session.fetch(new, self.config.inbound.max_message_bytes):
+                if self.engine.stop_requested():
+                    log.info("stopping: the rest of the inbox is read on the next pass")
+                    break
                 report.read += 1
                 outcome, inbound_id = self._take(fetched, now)
                 report.recorded.append(inbound_id)
@@ -643,7 +693,7 @@ class Intake:
                 report.moved = self._move(session, known, to_move, folder, validity)
             with self.store.transaction():
                 self.store.set_mailbox_state(folder, validity, now)
-        except MailboxError as exc:
+        except (MailboxError, StoreError) as exc:
             report.error = str(exc)
             log.error("reading the inbox failed: %s", exc)
         finally:
@@ -687,6 +737,8 @@ class Intake:
                 analysis.outcome,
             )
             return analysis.outcome, inbound_id
+        except StoreError:
+            raise  # the store, not the message: stop the pass; the message stays unrecorded and is read again
         except Exception as exc:
             log.exception("cannot process message uid %s of %s", fetched.uid, fetched.folder)
             reason = f"processing failed: {type(exc).__name__}: {exc}; kept for re-processing"

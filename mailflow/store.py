@@ -9,7 +9,9 @@ text, so text order is time order.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
@@ -377,6 +379,9 @@ class Store:
         """Open (creating if needed) the store at ``path`` and migrate it to the current schema."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # Every reply received and the fingerprint key live here: owner-only from the start
+            # (SQLite gives the -wal and -shm files the database's mode).
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
             connection = sqlite3.connect(
                 path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
             )
@@ -455,14 +460,21 @@ class Store:
             yield
         except BaseException:
             self._depth = 0
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
         self._depth = 0
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._db.execute("ROLLBACK")
-            raise StoreError(f"cannot write to the store {self.path}: {exc}") from exc
+            self._rollback()
+            hint = "; free some disk space" if "full" in str(exc).lower() else ""
+            raise StoreError(f"cannot write to the store {self.path}: {exc}{hint}; nothing of it was recorded") from exc
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back by itself (a full disk, an I/O error).
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         try:
@@ -647,6 +659,16 @@ class Store:
             (campaign,),
         )
         return {delegation: f"{kind}: {error}" for delegation, kind, error in rows}
+
+    def count_outbox(self, delegation: str, kinds: Sequence[str], *, since: datetime) -> int:
+        """Emails of these kinds planned for a delegation since an instant (skipped ones not counted)."""
+        marks = ", ".join("?" for _ in kinds)
+        row = self._execute(
+            f"SELECT COUNT(*) FROM outbox WHERE delegation = ? AND kind IN ({marks}) AND created_at >= ? "
+            "AND status != 'skipped'",
+            (delegation, *kinds, to_text(since)),
+        ).fetchone()
+        return int(row[0])
 
     def last_slot_of_kind(self, kind: str) -> datetime | None:
         """The latest slot planned for emails of a kind that belong to no campaign (the digest)."""

@@ -226,11 +226,6 @@ def test_a_rejected_oauth2_token_never_appears_anywhere(
             failed.store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: config.SmtpSettings and ImapSettings are plain dataclasses whose repr shows the password: any "
-    "log, error message or debugger that prints the settings (or the Config holding them) prints the password",
-)
 def test_the_settings_never_show_the_password(tmp_path: Path) -> None:
     data = example_data()
     data["mail"] = {
@@ -291,11 +286,6 @@ def test_the_command_line_never_shows_a_secret_even_with_debug(
 # ==========================================================================
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: store.Store.open lets sqlite3 create the store with the process umask (0644 under the usual "
-    "022): anyone on the server can read every reply received and the fingerprint key",
-)
 def test_tick_creates_the_store_readable_by_its_owner_only(tmp_path: Path) -> None:
     data = example_data()
     data["store"] = str(tmp_path / "var" / "mailflow.db")

@@ -50,7 +50,7 @@ from mailflow.render import (
 )
 from mailflow.render import format_date as render_date
 from mailflow.sender import Batch, Transport
-from mailflow.store import DelegationState, OutboxRow, OutboxStatus, StateRow, Store
+from mailflow.store import DelegationState, InboundRow, OutboxRow, OutboxStatus, StateRow, Store
 from mailflow.workbook import MasterLayout, RequestWorkbookFactory, make_fingerprint, read_master
 
 log = logging.getLogger("mailflow")
@@ -714,8 +714,9 @@ class Engine:
         if kind in FOLLOW_UP_KINDS:
             if inbound_id is None:
                 raise UsageError(f"a {kind} answers a received message: preview it with inspect")
-            context.update(self._follow_up_context(inbound_id, delegation, labels, now, campaign))
-            headers.update(self._thread_headers(inbound_id))
+            received = self.store.inbound(inbound_id)
+            context.update(self._follow_up_context(received, delegation, labels, now, campaign))
+            headers.update(self._thread_headers(received))
         rendered = self.renderer.render(kind, language, context)
         attachments = []
         if kind in ATTACH_WORKBOOK:
@@ -820,9 +821,14 @@ class Engine:
         return self._label_cache[campaign.id]
 
     def _follow_up_context(
-        self, inbound_id: int, delegation: Delegation, labels: Mapping[str, str], now: datetime, campaign: Campaign
+        self,
+        received: InboundRow,
+        delegation: Delegation,
+        labels: Mapping[str, str],
+        now: datetime,
+        campaign: Campaign,
     ) -> dict[str, Any]:
-        received = self.store.inbound(inbound_id)
+        inbound_id = received.id
         recorded = [
             {"key": a.key, "label": labels.get(a.key, ""), "value": a.value}
             for a in self.store.answers_from(inbound_id)
@@ -848,12 +854,11 @@ class Engine:
             "deadline_passed": now >= schedule.deadline_end(campaign, delegation),
         }
 
-    def _thread_headers(self, inbound_id: int) -> dict[str, str]:
+    def _thread_headers(self, received: InboundRow) -> dict[str, str]:
         """In-Reply-To and References, so the follow-up lands in the delegation's thread."""
-        received = self.store.inbound(inbound_id)
         if not received.message_id:
             return {}
-        parsed = parse_message(self.store.inbound_raw(inbound_id))
+        parsed = parse_message(self.store.inbound_raw(received.id))
         chain = list(dict.fromkeys(m for m in (*parsed.references, received.message_id) if m))
         # RFC 5322 advises keeping the first and the latest ids of a long thread.
         kept = chain if len(chain) <= 10 else [chain[0], *chain[-9:]]

@@ -212,29 +212,15 @@ class Intake:
         trusted = self._trusted(message, delegation)
         if message.kind == inbound.KIND_BOUNCE:
             failed = ", ".join(f"{f.recipient} {f.status}" for f in message.failures) or "no recipient named"
-            if not evidence.startswith("in reply to"):
-                # Anyone can write a delivery report: only one that returns an email we sent marks a contact.
-                return Analysis(
-                    digest,
-                    message,
-                    inbound.KIND_BOUNCE,
-                    campaign,
-                    delegation,
-                    evidence,
-                    trusted,
-                    HELD,
-                    f"held for review: a delivery report ({failed}) that returns no email mailflow sent",
-                )
+            # Anyone can write a delivery report: only one that returns an email we sent marks a contact.
+            verified = evidence.startswith("in reply to")
+            outcome, reason = (
+                (BOUNCE, f"delivery failure: {failed}")
+                if verified
+                else (HELD, f"held for review: a delivery report ({failed}) that returns no email mailflow sent")
+            )
             return Analysis(
-                digest,
-                message,
-                inbound.KIND_BOUNCE,
-                campaign,
-                delegation,
-                evidence,
-                trusted,
-                BOUNCE,
-                f"delivery failure: {failed}",
+                digest, message, inbound.KIND_BOUNCE, campaign, delegation, evidence, trusted, outcome, reason
             )
         if message.kind == inbound.KIND_AUTO_REPLY:
             return Analysis(

@@ -682,18 +682,51 @@ class _TreeBuilder:
 
     def _split(self, node: _Entity, boundary: bytes) -> Iterator[tuple[int, int]]:
         """The (start, end) of each part between delimiter lines; lazy, so a cut stops the scan."""
-        delimiter = re.compile(rb"(?<![^\r\n])--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|\n|\r|\Z)")
         buf = node.buf
         current: int | None = None
-        for match in delimiter.finditer(buf, node.body_start, node.body_end):
+        for delimiter_start, delimiter_end, closing in _delimiters(buf, node.body_start, node.body_end, boundary):
             if current is not None:
-                yield current, _before_line_break(buf, current, match.start())
-            if match.group(1):
+                yield current, _before_line_break(buf, current, delimiter_start)
+            if closing:
                 return
-            current = match.end()
+            current = delimiter_end
         if current is not None:
             self.problems.add("missing closing boundary")
             yield current, node.body_end
+
+
+_LINE_BREAKS = (0x0A, 0x0D)
+_BLANKS = (0x20, 0x09)
+
+
+def _delimiters(buf: bytes, start: int, end: int, boundary: bytes) -> Iterator[tuple[int, int, bool]]:
+    """Each delimiter line of ``boundary`` in ``buf[start:end]``: (its start, where the next line starts, closing).
+
+    A delimiter is ``--boundary`` at the start of a line (the buffer's start counts), optionally
+    ``--`` (the closing one), optional blanks, then a line break or the end. The boundary is found
+    as a literal: every message has its own, so a regular expression per boundary would be
+    compiled anew for each message."""
+    marker = b"--" + boundary
+    position = start
+    while True:
+        found = buf.find(marker, position, end)
+        if found < 0:
+            return
+        position = found + 1
+        if found > 0 and buf[found - 1] not in _LINE_BREAKS:
+            continue
+        cursor = found + len(marker)
+        closing = buf.startswith(b"--", cursor, end)
+        if closing:
+            cursor += 2
+        while cursor < end and buf[cursor] in _BLANKS:
+            cursor += 1
+        if cursor < end:
+            if buf[cursor] not in _LINE_BREAKS:
+                continue
+            cursor += 2 if buf.startswith(b"\r\n", cursor, end) else 1
+        yield found, cursor, closing
+        position = cursor
 
 
 def _before_line_break(buf: bytes, start: int, end: int) -> int:

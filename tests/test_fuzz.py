@@ -286,6 +286,29 @@ def test_parse_message_takes_apart_mime_trees_built_to_confuse_it(raw: bytes) ->
     assert_taken_apart(inbound.parse_message(raw))
 
 
+def _regex_delimiters(buf: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int, bool]]:
+    """The delimiter lines as the regular expression the parser used before finds them (the oracle)."""
+    pattern = re.compile(rb"(?<![^\r\n])--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|\n|\r|\Z)")
+    return [(m.start(), m.end(), bool(m.group(1))) for m in pattern.finditer(buf, start, end)]
+
+
+DELIMITER_BYTES = st.lists(
+    st.sampled_from([b"--", b"-", b"b", b"bo", b"\r\n", b"\n", b"\r", b" ", b"\t", b"x", b"--b--", b"--b"]),
+    max_size=40,
+).map(b"".join)
+
+
+@FUZZ
+@given(DELIMITER_BYTES, st.sampled_from([b"b", b"bo", b"-", b"b--"]), st.integers(0, 6), st.integers(0, 6))
+@example(b"--b\r\nx\r\n--b--", b"b", 0, 0)
+@example(b"x--b\n--b \t\r--b--", b"b", 0, 0)
+def test_delimiter_lines_are_found_as_the_regular_expression_found_them(
+    buf: bytes, boundary: bytes, skip: int, cut: int
+) -> None:
+    start, end = min(skip, len(buf)), max(min(skip, len(buf)), len(buf) - cut)
+    assert list(inbound._delimiters(buf, start, end, boundary)) == _regex_delimiters(buf, start, end, boundary)
+
+
 # --------------------------------------------------------------------------- returns.read_return
 
 

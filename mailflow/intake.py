@@ -4,15 +4,18 @@
 :meth:`Intake.record` writes one message's outcome in one transaction (the
 message row, its attachments, the answers, the state change, the follow-up
 email), which is what makes a message processed; :meth:`Intake.read_inbox`
-walks a mailbox, one message at a time, so one bad message never stops the
-others, and moves what was processed once the store has it.
+walks a mailbox, one message at a time, each in its own savepoint of a batch
+transaction so one bad message never stops the others, and moves what was
+processed once the store has committed it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -56,6 +59,10 @@ TOO_LARGE = "too_large"
 FAILED = "failed"  # processing raised: kept with the reason, for an operator to re-run
 MOVABLE = frozenset({APPLIED, HELD, AUTO_REPLY, BOUNCE})
 MAX_ROW_CHANGES = 200  # rows added, deleted or changed outside the fill column recorded per reply, of each kind
+COMMIT_EVERY = 50  # received messages recorded in one store transaction (each in its own savepoint)
+COMMIT_SECONDS = 2.0  # ... or as many as were recorded in this time, whichever comes first
+INTAKE_PASS_KEY = "intake_pass"  # meta: "" (no pass running), "running", or the message being read after a crash
+PASS_RUNNING = "running"
 
 NO_WORKBOOK_REASON = {
     "es": "no encontramos un libro de Excel adjunto ni respuestas en el texto del mensaje",
@@ -663,18 +670,8 @@ class Intake:
             # Recorded before but not moved (a crash, or the folder was missing): move them now.
             to_move = [uid for uid, row in known.items() if not row.moved and row.outcome in MOVABLE]
             new = [uid for uid in session.uids() if uid not in known]
-            for fetched in session.fetch(new, self.config.inbound.max_message_bytes):
-                if self.engine.stop_requested():
-                    log.info("stopping: the rest of the inbox is read on the next pass")
-                    break
-                report.read += 1
-                outcome, inbound_id = self._take(fetched, now)
-                report.recorded.append(inbound_id)
-                report.by_outcome[outcome] = report.by_outcome.get(outcome, 0) + 1
-                if outcome == FAILED:
-                    report.failed += 1
-                if outcome in MOVABLE or (outcome == DUPLICATE and self._original_moved(inbound_id)):
-                    to_move.append(fetched.uid)
+            if new:
+                self._take_all(session.fetch(new, self.config.inbound.max_message_bytes), now, report, to_move)
             if to_move:
                 report.moved = self._move(session, known, to_move, folder, validity)
             with self.store.transaction():
@@ -685,6 +682,89 @@ class Intake:
         finally:
             session.close()
         return report
+
+    def _take_all(self, messages: Iterator[Fetched], now: datetime, report: IntakeReport, to_move: list[int]) -> None:
+        """Record every fetched message, many in one store transaction, each in its own savepoint.
+
+        A batch is committed before anything of it is moved or reported. If the process dies in the
+        middle of a batch, what the batch recorded is undone, and the next pass records one message
+        per transaction, having first committed which message it is reading: a message that ends the
+        process again is then recorded as failed and left for a person, instead of stopping every pass."""
+        interrupted = self.store.get_meta(INTAKE_PASS_KEY) or ""
+        if interrupted:
+            log.warning("the last read of the inbox was interrupted: reading one message at a time")
+        else:
+            with self.store.transaction():
+                self.store.set_meta(INTAKE_PASS_KEY, PASS_RUNNING)
+        pending = iter(messages)
+        failure: MailboxError | None = None
+        more = True
+        try:
+            while more and failure is None:
+                taken: list[tuple[int, str, int]] = []
+                if interrupted:
+                    more, failure = self._take_batch(pending, 1, now, taken, interrupted)
+                else:
+                    with self.store.transaction():
+                        more, failure = self._take_batch(pending, COMMIT_EVERY, now, taken, "")
+                for uid, outcome, inbound_id in taken:
+                    report.read += 1
+                    report.recorded.append(inbound_id)
+                    report.by_outcome[outcome] = report.by_outcome.get(outcome, 0) + 1
+                    if outcome == FAILED:
+                        report.failed += 1
+                    if outcome in MOVABLE or (outcome == DUPLICATE and self._original_moved(inbound_id)):
+                        to_move.append(uid)
+        except StoreError:
+            # The store failed, the process did not die: the message in hand is not to blame.
+            with contextlib.suppress(StoreError), self.store.transaction():
+                self.store.set_meta(INTAKE_PASS_KEY, PASS_RUNNING)
+            raise
+        with self.store.transaction():
+            self.store.set_meta(INTAKE_PASS_KEY, "")
+        if failure is not None:
+            raise failure
+
+    def _take_batch(
+        self,
+        messages: Iterator[Fetched],
+        size: int,
+        now: datetime,
+        taken: list[tuple[int, str, int]],
+        interrupted: str,
+    ) -> tuple[bool, MailboxError | None]:
+        """Record up to ``size`` messages: (more may follow, the mailbox's failure if it failed).
+
+        ``interrupted`` names the message the last, interrupted pass was reading ("" if none)."""
+        started = time.monotonic()
+        while len(taken) < size and time.monotonic() - started < COMMIT_SECONDS:
+            if self.engine.stop_requested():
+                log.info("stopping: the rest of the inbox is read on the next pass")
+                return False, None
+            try:
+                fetched = next(messages, None)
+            except MailboxError as exc:
+                return False, exc  # what was recorded is committed; the rest waits for the next pass
+            if fetched is None:
+                return False, None
+            if interrupted:
+                mark = f"{fetched.folder}/{fetched.uidvalidity}/{fetched.uid}"
+                if mark == interrupted:
+                    taken.append((fetched.uid, FAILED, self._quarantine(fetched, now)))
+                    continue
+                with self.store.transaction():  # committed before the message is read
+                    self.store.set_meta(INTAKE_PASS_KEY, mark)
+            outcome, inbound_id = self._take(fetched, now)
+            taken.append((fetched.uid, outcome, inbound_id))
+        return True, None
+
+    def _quarantine(self, fetched: Fetched, now: datetime) -> int:
+        reason = (
+            "mailflow stopped while reading this message, twice: it is kept, raw bytes included, and left "
+            "in the inbox for a person (mailflow inspect shows what it holds)"
+        )
+        log.error("message uid %s of %s: %s", fetched.uid, fetched.folder, reason)
+        return self._record_plain(fetched, now, outcome=FAILED, reason=reason, keep_raw=True)
 
     def _original_moved(self, inbound_id: int) -> bool:
         row = self.store.inbound(inbound_id)

@@ -443,13 +443,28 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """One atomic unit of work; nested calls join the outer transaction."""
+        """One atomic unit of work.
+
+        A nested call is a savepoint of the outer transaction: if it fails, its own writes are undone
+        and the outer work goes on (the intake records many messages in one transaction, each in its
+        own savepoint, so one failing message never takes the others with it)."""
         if self._depth:
+            savepoint = f"unit_{self._depth}"
+            self._execute(f"SAVEPOINT {savepoint}")
             self._depth += 1
             try:
                 yield
-            finally:
+            except BaseException:
                 self._depth -= 1
+                # SQLite may have rolled the whole transaction back by itself (a full disk): then there
+                # is no savepoint left to return to, and the outer transaction reports it.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute(f"ROLLBACK TO {savepoint}")
+                        self._db.execute(f"RELEASE {savepoint}")
+                raise
+            self._depth -= 1
+            self._execute(f"RELEASE {savepoint}")
             return
         try:
             self._db.execute("BEGIN IMMEDIATE")

@@ -8,8 +8,10 @@ exactly when ``HOOK`` is reached:
 ``none``
     never: the plain command line.
 ``record:N``
-    just after the N-th received message was committed to the store, before
-    anything is moved ("after the store commit, before the MOVE").
+    just after the N-th received message was recorded, before anything is
+    moved. Received messages are committed in batches, so this is usually in
+    the middle of one: the kill undoes the batch, and the next pass reads one
+    message per transaction.
 ``move``
     when the intake is about to move what it recorded: everything committed,
     nothing moved yet.

@@ -8,7 +8,8 @@ a fresh IMAP account, runs ``mailflow tick`` and signals it:
 
 - SIGKILL at a random moment, one per seed;
 - SIGKILL exactly in the windows where a crash could lose or double something: just after a received message was
-  committed but before the MOVE (``tests/crashrunner.py`` wraps mailflow's methods in the child; mailflow is not
+  recorded (in the middle of a batch, before its commit), when everything is committed but nothing moved yet
+  (``tests/crashrunner.py`` wraps mailflow's methods in the child; mailflow is not
   changed), just after the MOVE but before the store records it, and just after the SMTP server accepted an email but
   before the store recorded it (the test server itself kills the tick while it waits for the "250");
 - SIGTERM in that last window, which must send nothing twice;
@@ -536,7 +537,7 @@ RECORD_POSITIONS = [1, REPLIES // 2, REPLIES + AUTO_REPLIES + UNRELATED] if FULL
 
 
 @pytest.mark.parametrize("nth", RECORD_POSITIONS)
-def test_sigkill_after_the_store_commit_before_the_move(reference: Rig, nth: int) -> None:
+def test_sigkill_after_a_message_is_recorded_in_the_middle_of_a_batch(reference: Rig, nth: int) -> None:
     played = play(reference, f"record-{nth}", hook=f"record:{nth}")
     assert played.killed, played.stderr
     assert verify(reference, played, kills=1) == Counter()

@@ -163,3 +163,93 @@ def test_answers_to_a_meeting_notice_or_a_calendar_reply_are_not_returns(local: 
     assert report.sent == []  # no "no workbook attached" answer to a meeting reply
     reasons = [row.evidence for row in engine.store.inbound_rows(outcome="unrelated")]
     assert any("belongs to no campaign" in r for r in reasons) and any("calendar answer" in r for r in reasons)
+
+
+def _three_replies(requests: dict[str, Any], inbox: mailbox.Maildir) -> None:
+    """Replies from Honduras, Costa Rica and El Salvador, added in that order (so read in that order)."""
+    for delegation, sender in (
+        ("HN", "enlace@sre.example.hn"),
+        ("CR", "enlace@pani.example.cr"),
+        ("SV", "enlace@rree.example.sv"),
+    ):
+        name, data = workbook_of(requests[delegation])
+        inbox.add(
+            reply_to(
+                requests[delegation],
+                sender=sender,
+                attachments=[(name, fill_workbook(data, {"1.1": f"Institución de {delegation}"}))],
+            )
+        )
+
+
+def test_a_message_failing_half_way_through_its_record_leaves_nothing_of_it_but_the_failure(
+    local: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The messages of a pass share one transaction, each in its own savepoint: Costa Rica's message
+    fails after its row, its attachment and its answers were written, and only the failure remains."""
+    engine, clock, requests, inbox = local
+    _three_replies(requests, inbox)
+    store = engine.store
+    real = store.set_state
+
+    def fail_for_costa_rica(campaign: str, delegation: str, **kwargs: Any) -> Any:
+        if delegation == "CR":
+            raise RuntimeError("a bug after the answers were written")
+        return real(campaign, delegation, **kwargs)
+
+    monkeypatch.setattr(store, "set_state", fail_for_costa_rica)
+    clock.set(OPENS + timedelta(hours=1))
+    report = engine.tick()
+    assert report.inbox.by_outcome == {"applied": 2, "failed": 1}
+    rows = store.inbound_rows()
+    assert sorted(row.outcome for row in rows) == ["applied", "applied", "failed"]
+    [failed] = [row for row in rows if row.outcome == "failed"]
+    assert "a bug after the answers were written" in (failed.reason or "") and store.attachments(failed.id) == []
+    assert "CR" not in store.current_answers("responsible-2017")
+    assert set(store.current_answers("responsible-2017")) == {"HN", "SV"}
+    assert [row.delegation for row in store.outbox() if row.inbound_id is not None] == ["HN", "SV"]
+    assert store.get_meta(intake.INTAKE_PASS_KEY) == ""
+
+
+class _Died(BaseException):
+    """What the process dying in the middle of a message looks like from inside: nothing after it runs."""
+
+
+def test_a_message_that_ends_the_process_twice_is_set_aside_and_the_others_are_read(
+    local: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, clock, requests, inbox = local
+    _three_replies(requests, inbox)
+    store = engine.store
+    real = intake.read_return
+
+    def die_on_costa_rica(data: bytes, filename: str, *args: Any, **kwargs: Any) -> Any:
+        if "Costa Rica" in filename:
+            raise _Died
+        return real(data, filename, *args, **kwargs)
+
+    monkeypatch.setattr(intake, "read_return", die_on_costa_rica)
+    clock.set(OPENS + timedelta(hours=1))
+    # First pass: all three in one transaction, which dies with the process: nothing of it stays.
+    with pytest.raises(_Died):
+        engine.tick()
+    assert store.inbound_rows() == [] and store.get_meta(intake.INTAKE_PASS_KEY) == intake.PASS_RUNNING
+    # Second pass: one message per transaction, each named before it is read; Honduras is recorded.
+    with pytest.raises(_Died):
+        engine.tick()
+    [honduras] = store.inbound_rows()
+    assert (honduras.delegation, honduras.outcome, honduras.uid) == ("HN", "applied", 1)
+    cr_uid = 2  # the local inbox numbers messages in the order they were delivered
+    assert store.get_meta(intake.INTAKE_PASS_KEY) == f"INBOX/{honduras.uidvalidity}/{cr_uid}"
+    # Third pass: the message that stopped mailflow twice is kept and set aside, the rest is read.
+    report = engine.tick()
+    assert report.inbox.by_outcome == {"failed": 1, "applied": 1}
+    outcomes = {row.delegation or row.uid: row.outcome for row in store.inbound_rows()}
+    assert outcomes == {"HN": "applied", cr_uid: "failed", "SV": "applied"}
+    [failed] = store.inbound_rows(outcome="failed")
+    assert "stopped while reading this message, twice" in (failed.reason or "")
+    assert store.get_meta(intake.INTAKE_PASS_KEY) == ""
+    [left] = list(inbox.keys())  # left in the inbox for a person, and kept whole in the store
+    assert store.inbound_raw(failed.id) == inbox.get_bytes(left)
+    # The next pass is an ordinary one: nothing new, nothing read twice.
+    assert engine.tick().inbox.read == 0

@@ -459,6 +459,8 @@ class _ZipScan:
         self._check_declared(infos)
         self.members = self._locate(infos)
         self._decompressed: dict[str, bytes] = {}
+        self._by_lower_name: dict[str, _Member] | None = None
+        self._targets: list[tuple[bytes | None, bytes, _Member]] | None = None
 
     def _check_declared(self, infos: Sequence[zipfile.ZipInfo]) -> None:
         limits = self.limits
@@ -577,11 +579,19 @@ class _ZipScan:
     # -- per format --------------------------------------------------------
 
     def check(self, fmt: str) -> _Inspection:
-        """Decompress every member under the caps and check what calamine will parse."""
+        """Decompress, under the caps, every member a reader may open, and check what calamine will parse.
+
+        In a standard .xlsx package the members no reader opens (document properties, the theme,
+        comments and their drawings, images, printer settings) are left compressed: their declared
+        sizes were checked, and what they hold can do nothing. Any other package is checked whole."""
         inspection = _Inspection(fmt)
-        sheets = self._worksheet_parts() if fmt in (FORMAT_XLSX, FORMAT_XLSM) else set()
+        xlsx = fmt in (FORMAT_XLSX, FORMAT_XLSM)
+        sheets = self._worksheet_parts() if xlsx else set()
+        opened = self._parts_opened() if xlsx else None
         for member in self.members:
             name = member.info.filename
+            if opened is not None and name.lower() not in opened:
+                continue
             is_xml = name.lower().endswith((".xml", ".rels", ".vml")) or name in sheets
             if fmt == FORMAT_ODS and name == "content.xml":
                 inspection.ods_merges = _scan_ods(self.stream(member), self.limits)
@@ -606,26 +616,77 @@ class _ZipScan:
         calamine reads a sheet from whatever part its relationship names,
         whatever the extension: those parts are checked as sheets even when
         not named .xml. Relationships to other parts (a vbaProject.bin) are not."""
-        lowered = {member.info.filename.lower(): member for member in self.members}
+        lowered = self._lowered()
         workbook = lowered.get("xl/workbook.xml")
-        rels = lowered.get("xl/_rels/workbook.xml.rels")
-        if workbook is None or rels is None:
+        if workbook is None:
             return set()
         sheet_ids = {
             match[1]
             for tag in _SHEET_TAG.findall(self._small(workbook))
             if (match := _ID_ATTRIBUTE.search(tag)) is not None
         }
-        found: set[str] = set()
+        return {
+            member.info.filename
+            for identifier, kind, member in self._workbook_targets()
+            if identifier in sheet_ids or kind.endswith(_SHEET_TYPES)
+        }
+
+    def _parts_opened(self) -> set[str] | None:
+        """Lower-cased names of the members a reader may open, or None to check every member.
+
+        calamine finds the workbook through ``_rels/.rels``, then reads the
+        workbook, its relationships and what they point at (sheets, shared
+        strings, styles), and fixed names for the last two; mailflow itself
+        reads the content types and the document's custom properties. The
+        answer is None unless the package is laid out as every spreadsheet
+        program writes it (the workbook at ``xl/workbook.xml``)."""
+        lowered = self._lowered()
+        root = lowered.get("_rels/.rels")
+        if root is None or "xl/workbook.xml" not in lowered or "xl/_rels/workbook.xml.rels" not in lowered:
+            return None
+        documents = [
+            (_attribute(tag, b"Target") or b"").decode("utf-8", "replace").lstrip("/").lower()
+            for tag in _RELATIONSHIP_TAG.findall(self._small(root))
+            if (_attribute(tag, b"Type") or b"").endswith(b"/officeDocument")
+        ]
+        if documents != ["xl/workbook.xml"]:
+            return None
+        opened = {name for name in lowered if name.endswith(".rels")}
+        opened |= {"[content_types].xml", "docprops/custom.xml", "xl/workbook.xml"}
+        opened |= {"xl/styles.xml", "xl/sharedstrings.xml"}
+        opened |= {
+            member.info.filename.lower()
+            for _, kind, member in self._workbook_targets()
+            if not kind.endswith(_UNOPENED_TYPES)
+        }
+        return opened
+
+    def _lowered(self) -> dict[str, _Member]:
+        if self._by_lower_name is None:
+            self._by_lower_name = {member.info.filename.lower(): member for member in self.members}
+        return self._by_lower_name
+
+    def _workbook_targets(self) -> list[tuple[bytes | None, bytes, _Member]]:
+        """(Id, Type, member) of each relationship of the workbook, its target resolved leniently."""
+        if self._targets is None:
+            self._targets = self._resolve_workbook_targets()
+        return self._targets
+
+    def _resolve_workbook_targets(self) -> list[tuple[bytes | None, bytes, _Member]]:
+        rels = self._lowered().get("xl/_rels/workbook.xml.rels")
+        if rels is None:
+            return []
+        lowered = self._lowered()
+        found: list[tuple[bytes | None, bytes, _Member]] = []
         for tag in _RELATIONSHIP_TAG.findall(self._small(rels)):
             identifier, target, kind = (_attribute(tag, name) for name in (b"Id", b"Target", b"Type"))
-            if target is None or not (identifier in sheet_ids or (kind or b"").endswith(_SHEET_TYPES)):
+            if target is None:
                 continue
             text = target.decode("utf-8", "replace")
             for candidate in (text.lstrip("/"), f"xl/{text}", posixpath.normpath(f"xl/{text}")):
                 member = lowered.get(candidate.lower())
                 if member is not None:
-                    found.add(member.info.filename)
+                    found.append((identifier, kind or b"", member))
         return found
 
     def _small(self, member: _Member) -> bytes:
@@ -660,10 +721,17 @@ _SHEET_TAG = re.compile(rb"<(?:[A-Za-z_][\w.\-]*:)?sheet\s[^>]*>")
 _ID_ATTRIBUTE = re.compile(rb'\s(?:[A-Za-z_][\w.\-]*:)?id\s*=\s*["\']([^"\']*)["\']')
 _RELATIONSHIP_TAG = re.compile(rb"<(?:[A-Za-z_][\w.\-]*:)?Relationship\s[^>]*>")
 _SHEET_TYPES = (b"/worksheet", b"/chartsheet", b"/dialogsheet", b"/macrosheet")
+# Workbook relationships whose parts calamine never opens (tests/test_returns.py proves it part by part).
+_UNOPENED_TYPES = (b"/theme",)
+
+
+@functools.lru_cache(maxsize=16)
+def _attribute_pattern(name: bytes) -> re.Pattern[bytes]:
+    return re.compile(rb"\s" + name + rb'\s*=\s*["\']([^"\']*)["\']')
 
 
 def _attribute(tag: bytes, name: bytes) -> bytes | None:
-    match = re.search(rb"\s" + name + rb'\s*=\s*["\']([^"\']*)["\']', tag)
+    match = _attribute_pattern(name).search(tag)
     return None if match is None else match[1]
 
 

@@ -485,6 +485,93 @@ def test_fingerprint_found_in_a_returned_request_copy(tmp_path: Path) -> None:
     assert reading.sheet == "Strategic Plan"  # never the hidden fingerprint sheet
 
 
+def _replace_member(data: bytes, name: str, content: bytes, *, declared: int | None = None) -> bytes:
+    """``data`` with member ``name`` holding ``content``; its directory entries then claim ``declared`` bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as source, zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, content if info.filename == name else source.read(info.filename))
+    out = bytearray(buffer.getvalue())
+    if declared is not None:
+        with zipfile.ZipFile(io.BytesIO(bytes(out))) as rebuilt:
+            struct.pack_into("<I", out, rebuilt.getinfo(name).header_offset + 22, declared)
+        position = struct.unpack_from("<I", out, len(out) - 22 + 16)[0]  # start of the central directory
+        while out[position : position + 4] == b"PK\x01\x02":
+            name_length, extra_length, comment_length = struct.unpack_from("<HHH", out, position + 28)
+            if out[position + 46 : position + 46 + name_length] == name.encode():
+                struct.pack_into("<I", out, position + 24, declared)
+            position += 46 + name_length + extra_length + comment_length
+    return bytes(out)
+
+
+def test_parts_no_reader_opens_are_left_compressed_and_nothing_in_them_changes_the_reading(tmp_path: Path) -> None:
+    """Preflight skips the members calamine never opens; this shows, part by part, that it never does.
+
+    Each skipped member of a returned request copy (document properties, theme, the fill column's
+    comment and its drawing, an image, printer settings) is replaced by garbage, by an entity bomb
+    and by a decompression bomb that lies about its size: the reading stays the same. A calamine that
+    started opening one of them would fail here."""
+    from mailflow.returns import _OpenZip, _ZipScan
+
+    master = tmp_path / "plan.xlsx"
+    master.write_bytes(SAMPLE)
+    fingerprint = make_fingerprint(SECRET, "responsible-2017", "HN")
+    returned = edit(RequestWorkbookFactory(master, LAYOUT).build(fingerprint))
+    for extra in ("xl/media/image1.png", "xl/printerSettings/printerSettings1.bin"):
+        with zipfile.ZipFile(io.BytesIO(returned)) as archive:
+            members = {info.filename: archive.read(info.filename) for info in archive.infolist()}
+        members[extra] = b"\x89PNG\r\n\x1a\n" + bytes(200)
+        returned = zip_package(members)
+    expected = read(returned)
+    assert expected.status == STATUS_PARSED and expected.answers == ALL_ANSWERED
+    assert expected.fingerprint == fingerprint
+    with _OpenZip(returned) as opened:
+        scan = _ZipScan(returned, ReturnLimits(), opened)
+        checked = scan._parts_opened()
+        assert checked is not None
+        skipped = sorted(m.info.filename for m in scan.members if m.info.filename.lower() not in checked)
+    assert {
+        "docProps/app.xml",
+        "docProps/core.xml",
+        "xl/theme/theme1.xml",
+        "xl/media/image1.png",
+        "xl/printerSettings/printerSettings1.bin",
+    } <= set(skipped)
+    assert any(name.startswith("xl/comments") for name in skipped)
+    assert any(name.endswith(".vml") for name in skipped)
+    laughs = b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;">]><x>&b;</x>'
+    for name in skipped:
+        for poisoned in (
+            _replace_member(returned, name, b"\x00\xff not what it claims"),
+            _replace_member(returned, name, laughs),
+            _replace_member(returned, name, bytes(20 * 1024 * 1024), declared=100),
+        ):
+            reading = read(poisoned)
+            assert (reading.status, reading.answers, reading.fingerprint) == (
+                STATUS_PARSED,
+                expected.answers,
+                fingerprint,
+            ), name
+    # A member every reader opens is still checked: the same lying bomb in the sheet is refused.
+    refused = read(_replace_member(returned, "xl/worksheets/sheet1.xml", bytes(20 * 1024 * 1024), declared=100))
+    assert refused.status == STATUS_REJECTED and "decompression bomb" in (refused.reason or "")
+
+
+def test_a_package_laid_out_unusually_is_checked_whole() -> None:
+    """With the workbook somewhere else than xl/workbook.xml, preflight does not guess what is opened."""
+    from mailflow.returns import _OpenZip, _ZipScan
+
+    data = edit(SAMPLE)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        members = {info.filename: archive.read(info.filename) for info in archive.infolist()}
+    members["_rels/.rels"] = members["_rels/.rels"].replace(b"xl/workbook.xml", b"xl/other.xml")
+    unusual = zip_package(members)
+    with _OpenZip(unusual) as opened:
+        assert _ZipScan(unusual, ReturnLimits(), opened)._parts_opened() is None
+    bomb = _replace_member(unusual, "docProps/app.xml", bytes(20 * 1024 * 1024), declared=100)
+    assert read(bomb).status == STATUS_REJECTED
+
+
 # --------------------------------------------------------------------------
 # Not workbooks, damaged and encrypted files
 # --------------------------------------------------------------------------

@@ -407,6 +407,7 @@ class Engine:
         """Render every due outbox row that has no body yet; a failure is recorded and retried later."""
         report = report or TickReport()
         composed: list[tuple[int, Composed]] = []
+        states: dict[str, dict[str, StateRow]] = {}  # read once per campaign: composing changes no state
         for row in self.store.pending(now):
             if row.has_body:
                 continue
@@ -420,6 +421,7 @@ class Engine:
                     now,
                     inbound_id=row.inbound_id,
                     slot=row.slot,
+                    states=states,
                 )
             except (MailflowError, KeyError) as exc:
                 reason = f"cannot compose the {row.kind} for {row.delegation}: {_describe(exc)}"
@@ -665,9 +667,12 @@ class Engine:
         now: datetime,
         inbound_id: int | None = None,
         slot: str = "",
+        states: dict[str, dict[str, StateRow]] | None = None,
     ) -> Composed:
         """Render one email: to a delegation (a campaign email or a follow-up), the Secretariat's digest, or
-        a meeting email (``slot`` says which, see :mod:`mailflow.meetings`)."""
+        a meeting email (``slot`` says which, see :mod:`mailflow.meetings`).
+
+        ``states`` keeps the delegations' states of each campaign read so far, for a caller composing many."""
         if kind == DIGEST:
             return self._compose_digest(message_id, now)
         if kind == meetings.MEETING:
@@ -677,7 +682,12 @@ class Engine:
             raise UsageError(f"unknown email kind {kind!r}; expected one of {known}")
         campaign = self.config.campaign(campaign_id)
         delegation = self.config.delegation(delegation_id)
-        state = self.store.state(campaign.id, delegation.id)
+        if states is None:
+            state = self.store.state(campaign.id, delegation.id)
+        else:
+            if campaign.id not in states:
+                states[campaign.id] = self.store.states(campaign.id)
+            state = states[campaign.id].get(delegation.id)
         if state is None:
             total, missing_keys = self._initial_state(campaign)
             filled = 0

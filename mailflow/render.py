@@ -18,6 +18,7 @@ reply can be matched by its subject alone (:func:`parse_subject_reference`).
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import re
 import struct
@@ -119,8 +120,11 @@ def _date_pattern(language: str) -> str:
         raise TemplateError(f"unsupported language {language!r} (expected one of {', '.join(LANGUAGES)})") from None
 
 
+@functools.lru_cache(maxsize=1024)
 def format_date(d: date, language: str) -> str:
-    """Write a date out in full: ``lunes 23 de octubre de 2017`` / ``Monday, 23 October 2017``."""
+    """Write a date out in full: ``lunes 23 de octubre de 2017`` / ``Monday, 23 October 2017``.
+
+    Kept for the dates already written: a campaign writes the same deadline in every email."""
     return str(babel_format_date(d, _date_pattern(language), locale=language))
 
 

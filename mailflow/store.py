@@ -187,6 +187,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX attachment_by_inbound ON attachment (inbound_id);
     CREATE INDEX row_change_by_inbound ON row_change (inbound_id);
     """,
+    # 4: the daily cap of answers counts a delegation's recent emails at every received message.
+    """
+    CREATE INDEX outbox_by_delegation ON outbox (delegation, kind, created_at);
+    """,
 )
 
 
@@ -920,6 +924,7 @@ class Store:
         changed = [(key, value) for key, value in answers.items() if current.get(key, (0, None))[1] != value]
         if not changed:
             return 0
+        stamp = to_text(at)
         try:
             self._db.executemany(
                 "UPDATE answer SET current = 0 WHERE id = ?",
@@ -929,7 +934,7 @@ class Store:
                 "INSERT INTO answer (campaign, delegation, key, value, source, inbound_id, attachment_id, "
                 "recorded_at, current) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)",
                 [
-                    (campaign, delegation, key, value, source, inbound_id, attachment_id, to_text(at))
+                    (campaign, delegation, key, value, source, inbound_id, attachment_id, stamp)
                     for key, value in changed
                 ],
             )

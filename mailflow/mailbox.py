@@ -21,7 +21,7 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from mailflow.errors import MailflowError
 log = logging.getLogger(__name__)
 
 #: Messages per FETCH command: few round trips, bounded memory per reply.
+SIZE_BATCH = 1000  # messages whose sizes one FETCH asks for (a command line of a few KB)
 FETCH_BATCH = 50
 #: Without IDLE, how often ``wait_for_change`` asks the server with NOOP.
 NOOP_POLL_SECONDS = 2.0
@@ -324,12 +325,15 @@ class ImapSession:
 
     def fetch(self, uids: Sequence[int], max_bytes: int) -> Iterator[Fetched]:
         wanted = sorted(set(uids))
-        for start in range(0, len(wanted), FETCH_BATCH):
-            yield from self._fetch_batch(wanted[start : start + FETCH_BATCH], max_bytes)
+        for start in range(0, len(wanted), SIZE_BATCH):
+            chunk = wanted[start : start + SIZE_BATCH]
+            # The sizes first, many at a time (a few bytes each), so nothing over the limit is downloaded.
+            with self._command(f"reading messages of {self.server_folder}"):
+                sizes = self._client.fetch(chunk, [b"RFC822.SIZE"])
+            for first in range(0, len(chunk), FETCH_BATCH):
+                yield from self._fetch_batch(chunk[first : first + FETCH_BATCH], sizes, max_bytes)
 
-    def _fetch_batch(self, batch: list[int], max_bytes: int) -> Iterator[Fetched]:
-        with self._command(f"reading messages of {self.server_folder}"):
-            sizes = self._client.fetch(batch, [b"RFC822.SIZE"])
+    def _fetch_batch(self, batch: list[int], sizes: Mapping[int, Any], max_bytes: int) -> Iterator[Fetched]:
         small = [uid for uid in batch if uid in sizes and _size(sizes[uid]) <= max_bytes]
         bodies: dict[int, Any] = {}
         if small:

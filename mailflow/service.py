@@ -141,15 +141,19 @@ def next_send_pass(previous: datetime, due: Sequence[datetime], every: timedelta
 
 
 def due_instants(config: Config) -> list[datetime]:
-    """Every instant a campaign email falls due (requests, reminders, overdue notices), sorted."""
-    return sorted(
-        {
-            slot.at
-            for campaign in config.campaigns
-            for delegation in config.campaign_delegations(campaign)
-            for slot in schedule.slots(campaign, delegation)
-        }
-    )
+    """Every instant an email falls due, sorted: a campaign's requests, reminders and overdue notices,
+    and the reminders of each meeting not cancelled (notices, updates and cancellations go out on the
+    next pass after the configuration changes)."""
+    campaign_emails = {
+        slot.at
+        for campaign in config.campaigns
+        for delegation in config.campaign_delegations(campaign)
+        for slot in schedule.slots(campaign, delegation)
+    }
+    meeting_reminders = {
+        meeting.start + offset for meeting in config.meetings if not meeting.cancelled for offset in meeting.reminders
+    }
+    return sorted(campaign_emails | meeting_reminders)
 
 
 class SendPassTrigger(BaseTrigger):  # type: ignore[misc]  # apscheduler ships no type hints

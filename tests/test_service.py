@@ -29,7 +29,7 @@ from mailflow.digest import HEARTBEAT_SEND_PASS, HEARTBEAT_SERVICE
 from mailflow.lock import AlreadyRunning, InstanceLock, lock_path
 from mailflow.mailbox import MaildirMailbox
 from mailflow.sender import LocalTransport
-from mailflow.service import Backoff, next_send_pass, run_service
+from mailflow.service import Backoff, due_instants, next_send_pass, run_service
 from mailflow.store import Store
 from tests.helpers import ROOT, example_data, fill_workbook, reply_to, workbook_of, write_config
 from tests.servers import DovecotServer, ImapAccount, SmtpServer
@@ -455,3 +455,38 @@ def test_the_send_pass_runs_every_minute_and_at_each_due_instant() -> None:
     assert next_send_pass(due[0], due, minute) == due[1]
     assert next_send_pass(due[1], due, minute) == due[1] + minute
     assert next_send_pass(start, [], minute) == start + minute
+
+
+def test_meeting_reminders_are_due_instants_of_the_send_pass(tmp_path: Path) -> None:
+    """Under ``run``, a meeting reminder goes out at its instant, not on the next minute's pass."""
+    data = example_data()
+    data["store"] = str(tmp_path / "store.db")
+    start = datetime(2017, 11, 7, 14, 30, tzinfo=UTC)
+    data["meetings"] = [
+        {
+            "id": "virtual-session",
+            "title": "Sesión virtual",
+            "start": "2017-11-07T08:30",
+            "timezone": "America/Tegucigalpa",
+            "duration": "2h",
+            "invite": ["HN", "CR"],
+            "reminders": ["-1d", "-1h"],
+        },
+        {
+            "id": "called-off",
+            "title": "Sesión cancelada",
+            "start": "2017-11-08T08:30",
+            "timezone": "America/Tegucigalpa",
+            "duration": "1h",
+            "invite": ["HN"],
+            "reminders": ["-1h"],
+            "cancelled": True,
+        },
+    ]
+    config = load_config(write_config(tmp_path, data))
+    instants = due_instants(config)
+    assert start - timedelta(days=1) in instants and start - timedelta(hours=1) in instants
+    assert datetime(2017, 11, 8, 13, 30, tzinfo=UTC) not in instants  # the cancelled meeting's reminder
+    campaign = config.campaigns[0]
+    assert campaign.opens in instants  # the campaign's own instants are still there
+    assert instants == sorted(instants)

@@ -1028,11 +1028,15 @@ class Store:
             sql += " AND delegation = ?"
             params = (campaign, delegation)
         out: dict[str, StateRow] = {}
+        # Many delegations miss the same actions (all of them, before any reply): each distinct list is
+        # read once and shared, so thousands of states of a plan of thousands of actions stay small.
+        lists: dict[str, tuple[str, ...]] = {}
         for r in self._execute(sql, params):
+            missing = lists.get(r[5])
+            if missing is None:
+                missing = lists[r[5]] = tuple(json.loads(r[5]))
             updated = datetime.fromisoformat(r[7])
-            out[r[1]] = StateRow(
-                r[0], r[1], DelegationState(r[2]), r[3], r[4], tuple(json.loads(r[5])), from_text(r[6]), updated
-            )
+            out[r[1]] = StateRow(r[0], r[1], DelegationState(r[2]), r[3], r[4], missing, from_text(r[6]), updated)
         return out
 
     def state(self, campaign: str, delegation: str) -> StateRow | None:

@@ -684,7 +684,7 @@ def _attention(
                         words[f"what_{attachment.status}"],
                         words["detail_file"].format(
                             filename=attachment.filename or words["no_name"],
-                            reason=_clip(attachment.reason or "", 2 * VALUE_LIMIT),
+                            reason=_clip(attachment.reason_in(language), 2 * VALUE_LIMIT),
                         ),
                     )
                 )

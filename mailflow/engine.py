@@ -55,6 +55,7 @@ from mailflow.workbook import MasterLayout, RequestWorkbookFactory, make_fingerp
 
 log = logging.getLogger("mailflow")
 
+NO_NAME = {"es": "(sin nombre)", "en": "(no name)"}  # an attachment that came without a file name
 ATTACH_WORKBOOK = frozenset({*CAMPAIGN_KINDS, "missing", "unreadable"})
 DEFAULT_ATTACHMENT_NAMES = {"es": "{campaign} - {delegation}.xlsx", "en": "{campaign} - {delegation}.xlsx"}
 
@@ -849,7 +850,7 @@ class Engine:
             if c.change == "changed"
         ]
         failed = [
-            {"filename": a.filename or "(sin nombre)", "reason": a.reason or ""}
+            {"filename": a.filename or NO_NAME[delegation.language], "reason": a.reason_in(delegation.language)}
             for a in self.store.attachments(inbound_id)
             if a.status in ("unreadable", "rejected")
         ]

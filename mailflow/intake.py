@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from mailflow import inbound
+from mailflow import inbound, reasons
 from mailflow.config import Campaign, Config, Delegation
 from mailflow.errors import MailflowError, StoreError
 from mailflow.mailbox import Fetched, Mailbox, MailboxError
@@ -80,6 +80,9 @@ class AttachmentResult:
     sha256: str
     reading: ReturnReading | None = None
     duplicate_of: int | None = None
+    reason_code: str | None = None
+    """The :mod:`mailflow.reasons` code of ``reason`` (the reading's, or the intake's own)."""
+    reason_params: Mapping[str, str] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         reading = self.reading
@@ -409,12 +412,14 @@ class Intake:
                 yield AttachmentResult(attachment, STATUS_IGNORED, "not a workbook", digest)
                 continue
             if attachment.too_large:
-                limit = self.config.inbound.max_attachment_bytes // (1024 * 1024)
+                limit = {"limit": str(self.config.inbound.max_attachment_bytes // (1024 * 1024))}
                 yield AttachmentResult(
                     attachment,
                     STATUS_REJECTED,
-                    f"the file is larger than {limit} MB; please send a smaller file",
+                    reasons.explain(reasons.ATTACHMENT_TOO_LARGE, limit),
                     digest,
+                    reason_code=reasons.ATTACHMENT_TOO_LARGE,
+                    reason_params=limit,
                 )
                 continue
             reading = read_return(
@@ -426,7 +431,16 @@ class Intake:
                 self.return_limits,
             )
             duplicate = self.store.attachment_seen(campaign.id, delegation.id, digest)
-            yield AttachmentResult(attachment, reading.status, reading.reason, digest, reading, duplicate)
+            yield AttachmentResult(
+                attachment,
+                reading.status,
+                reading.reason,
+                digest,
+                reading,
+                duplicate,
+                reason_code=reading.reason_code,
+                reason_params=reading.reason_params,
+            )
 
     def _follow_up(
         self,
@@ -504,6 +518,8 @@ class Intake:
                 reason=result.reason,
                 filled=len(result.reading.answers) if result.reading else 0,
                 duplicate_of=result.duplicate_of,
+                reason_code=result.reason_code,
+                reason_params=result.reason_params,
             )
         return ids
 

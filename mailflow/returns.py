@@ -43,6 +43,7 @@ from xml.parsers import expat
 
 import python_calamine
 
+from mailflow import reasons
 from mailflow.workbook import (
     FINGERPRINT_SHEET,
     LABEL_MAX_CHARS,
@@ -168,7 +169,7 @@ class ReturnReading:
     status: str
     """``parsed``, ``unreadable``, ``rejected`` or ``ignored``."""
     reason: str | None
-    """For people: what is wrong and what to do. None when parsed."""
+    """For people: what is wrong and what to do, in English. None when parsed."""
     answers: dict[str, str] = field(default_factory=dict)
     """Master key -> answer, non-empty answers only, in master order."""
     missing: tuple[str, ...] = ()
@@ -181,6 +182,9 @@ class ReturnReading:
     format: str = FORMAT_UNKNOWN
     """``xlsx``, ``xlsm``, ``xls``, ``ods``, or what :func:`sniff_format` said (``xlsb``, ``encrypted``,
     ``unknown``) when the file could not be read."""
+    reason_code: str | None = None
+    """The :mod:`mailflow.reasons` code of ``reason``: it is written in any language from it."""
+    reason_params: Mapping[str, str] = field(default_factory=dict)
 
 
 def is_answer(text: str) -> bool:
@@ -192,25 +196,23 @@ def is_answer(text: str) -> bool:
 
 
 class _Verdict(Exception):
-    """Stops reading a file: ``status`` and ``reason`` are the outcome."""
+    """Stops reading a file: ``status`` and the reason (a :mod:`mailflow.reasons` code and its parameters)."""
 
-    def __init__(self, status: str, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, status: str, code: str, params: Mapping[str, str]) -> None:
         self.status = status
-        self.reason = reason
+        self.code = code
+        self.params = dict(params)
+        self.reason = reasons.explain(code, self.params)
+        super().__init__(self.reason)
         self.format: str | None = None  # what preflight's sniff said, when the verdict is preflight's
 
 
-def _refuse(status: str, reason: str) -> NoReturn:
-    raise _Verdict(status, reason)
+def _refuse(status: str, code: str, **params: str) -> NoReturn:
+    raise _Verdict(status, code, params)
 
 
 def _damaged(detail: str) -> NoReturn:
-    _refuse(
-        STATUS_UNREADABLE,
-        f"the file is damaged ({detail}); please open it in Excel or LibreOffice, save it again as .xlsx "
-        "and send it again",
-    )
+    _refuse(STATUS_UNREADABLE, reasons.DAMAGED, detail=detail)
 
 
 def _size(count: int) -> str:
@@ -355,15 +357,13 @@ def preflight(data: bytes, filename: str, limits: ReturnLimits) -> tuple[str, st
     except _Verdict as verdict:
         return verdict.status, verdict.reason
     except Exception as exc:
-        return STATUS_UNREADABLE, _unexpected(exc)
+        return STATUS_UNREADABLE, _unexpected(exc).reason
     return STATUS_PARSED, None
 
 
-def _unexpected(exc: BaseException) -> str:
-    return (
-        f"the file could not be read ({type(exc).__name__}: {exc}); "
-        "please open it in Excel or LibreOffice, save it again as .xlsx and send it again"
-    )
+def _unexpected(exc: BaseException) -> _Verdict:
+    """The verdict on a file whose reading failed in a way nothing foresaw."""
+    return _Verdict(STATUS_UNREADABLE, reasons.UNEXPECTED, {"error": f"{type(exc).__name__}: {exc}"})
 
 
 def _inspect(data: bytes, filename: str, limits: ReturnLimits) -> _Inspection:
@@ -384,26 +384,18 @@ def _inspect_format(data: bytes, filename: str, limits: ReturnLimits, fmt: str, 
     named_workbook = _extension(filename) in WORKBOOK_EXTENSIONS
     if fmt == FORMAT_UNKNOWN and not named_workbook:
         # A logo, a PDF, a .docx: never opened, so never a danger.
-        _refuse(STATUS_IGNORED, f"{filename or 'the attachment'} is not a spreadsheet")
+        _refuse(STATUS_IGNORED, reasons.IGNORED, filename=filename)
     if len(data) > limits.max_file_bytes:
-        _refuse(
-            STATUS_REJECTED,
-            f"the file is too large ({_size(len(data))}; the limit is {_size(limits.max_file_bytes)}); "
-            "please send only the workbook of the plan, saved as .xlsx",
-        )
+        _refuse(STATUS_REJECTED, reasons.TOO_LARGE, size=_size(len(data)), limit=_size(limits.max_file_bytes))
     if fmt == FORMAT_ENCRYPTED:
-        _refuse(STATUS_UNREADABLE, "the file is password-protected; please send it without a password")
+        _refuse(STATUS_UNREADABLE, reasons.PASSWORD)
     if opened is not None:
         # A bomb named like a workbook is refused as a bomb, whatever it holds.
         archive = _ZipScan(data, limits, opened)
         if fmt == FORMAT_UNKNOWN:
             _not_a_spreadsheet(filename)
         if fmt == FORMAT_XLSB:
-            _refuse(
-                STATUS_UNREADABLE,
-                "the file is an Excel Binary Workbook (.xlsb), which cannot be read here; "
-                "please save it as 'Excel Workbook (*.xlsx)' and send it again",
-            )
+            _refuse(STATUS_UNREADABLE, reasons.XLSB)
         inspection = archive.check(fmt)
         inspection.archive = opened.archive  # closed by the caller, with the inspection
         return inspection
@@ -414,11 +406,7 @@ def _inspect_format(data: bytes, filename: str, limits: ReturnLimits, fmt: str, 
 
 
 def _not_a_spreadsheet(filename: str) -> NoReturn:
-    _refuse(
-        STATUS_UNREADABLE,
-        f"the file named {filename or '(no name)'} is not a spreadsheet (it is damaged or in another format); "
-        "please send the workbook saved as .xlsx",
-    )
+    _refuse(STATUS_UNREADABLE, reasons.NOT_A_SPREADSHEET, filename=filename)
 
 
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
@@ -468,18 +456,14 @@ class _ZipScan:
         if len(set(names)) != len(names):
             _damaged("two parts of the package have the same name")
         total = sum(info.file_size for info in infos)
-        bomb = "please send the workbook as saved by Excel or LibreOffice"  # what to do, in every bomb reason
         if total > limits.max_uncompressed_bytes:
-            _refuse(
-                STATUS_REJECTED,
-                f"the file would expand to {_size(total)} when opened (the limit is "
-                f"{_size(limits.max_uncompressed_bytes)}): a decompression bomb; {bomb}",
-            )
+            _refuse(STATUS_REJECTED, reasons.BOMB_TOTAL, size=_size(total), limit=_size(limits.max_uncompressed_bytes))
         if total > _RATIO_FLOOR and total > limits.max_compression_ratio * max(len(self.data), 1):
             _refuse(
                 STATUS_REJECTED,
-                f"the file would expand {total // max(len(self.data), 1):,} times when opened "
-                f"(the limit is {limits.max_compression_ratio}): a decompression bomb; {bomb}",
+                reasons.BOMB_RATIO,
+                ratio=f"{total // max(len(self.data), 1):,}",
+                limit=str(limits.max_compression_ratio),
             )
         for info in infos:
             if info.file_size > _RATIO_FLOOR and info.file_size > limits.max_compression_ratio * max(
@@ -487,9 +471,10 @@ class _ZipScan:
             ):
                 _refuse(
                     STATUS_REJECTED,
-                    f"a part of the file ({info.filename}) would expand "
-                    f"{info.file_size // max(info.compress_size, 1):,} times when opened "
-                    f"(the limit is {limits.max_compression_ratio}): a decompression bomb; {bomb}",
+                    reasons.BOMB_PART_RATIO,
+                    part=info.filename,
+                    ratio=f"{info.file_size // max(info.compress_size, 1):,}",
+                    limit=str(limits.max_compression_ratio),
                 )
 
     def _locate(self, infos: Sequence[zipfile.ZipInfo]) -> list[_Member]:
@@ -497,7 +482,7 @@ class _ZipScan:
         end_of_previous = 0
         for info in sorted(infos, key=lambda item: item.header_offset):
             if info.flag_bits & 0x1:
-                _refuse(STATUS_UNREADABLE, "the file is password-protected; please send it without a password")
+                _refuse(STATUS_UNREADABLE, reasons.PASSWORD)
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                 _damaged(f"part {info.filename} uses an unusual compression method")
             offset = info.header_offset
@@ -534,11 +519,7 @@ class _ZipScan:
         for chunk in self._raw_chunks(info, compressed):
             produced += len(chunk)
             if produced > info.file_size:
-                _refuse(
-                    STATUS_REJECTED,
-                    f"a part of the file ({info.filename}) expands beyond the size it declares: "
-                    "a decompression bomb; please send the workbook as saved by Excel or LibreOffice",
-                )
+                _refuse(STATUS_REJECTED, reasons.BOMB_PART_BEYOND, part=info.filename)
             crc = zlib.crc32(chunk, crc)
             yield chunk
         if produced != info.file_size or crc != info.CRC:
@@ -785,10 +766,7 @@ def _check_prolog(chunks: Iterator[bytes], name: str) -> Iterator[bytes]:
             except _RootReached:
                 parser = None
             except refused:
-                _refuse(
-                    STATUS_REJECTED,
-                    f"the file contains XML entity declarations (unsafe, in {name}); please re-save it from Excel",
-                )
+                _refuse(STATUS_REJECTED, reasons.ENTITIES, part=name)
             except Exception:
                 parser = None  # not well-formed: the spreadsheet reader will say so
         yield chunk
@@ -979,21 +957,13 @@ def _xlsx_extent(chunks: Iterator[bytes], name: str, limits: ReturnLimits) -> tu
 
 def _check_extent(rows: int, cols: int, limits: ReturnLimits) -> None:
     if rows > limits.max_rows:
-        _refuse(
-            STATUS_REJECTED,
-            f"a sheet of the workbook has {rows:,} rows (the limit is {limits.max_rows:,}); "
-            "please delete the rows below the plan and send it again",
-        )
+        _refuse(STATUS_REJECTED, reasons.TOO_MANY_ROWS, rows=f"{rows:,}", limit=f"{limits.max_rows:,}")
     if rows * cols > limits.max_cells:
         _too_many_cells(limits)
 
 
 def _too_many_cells(limits: ReturnLimits) -> NoReturn:
-    _refuse(
-        STATUS_REJECTED,
-        f"the workbook has more than {limits.max_cells:,} cells to read (counting the empty ones between "
-        "the first and the last); please delete the cells outside the plan and send it again",
-    )
+    _refuse(STATUS_REJECTED, reasons.TOO_MANY_CELLS, limit=f"{limits.max_cells:,}")
 
 
 _UNIQUE_COUNT = re.compile(rb'\suniqueCount\s*=\s*["\']([^"\']*)["\']')
@@ -1128,11 +1098,7 @@ def _scan_ods(chunks: Iterator[bytes], limits: ReturnLimits) -> dict[str, Ranges
 
 
 def _too_many_sheets(count: int, limits: ReturnLimits) -> NoReturn:
-    _refuse(
-        STATUS_REJECTED,
-        f"the workbook has {count:,} sheets (the limit is {limits.max_sheets:,}); "
-        "please send only the sheet of the plan",
-    )
+    _refuse(STATUS_REJECTED, reasons.TOO_MANY_SHEETS, count=f"{count:,}", limit=f"{limits.max_sheets:,}")
 
 
 # -- xls: BIFF records ----------------------------------------------------------
@@ -1180,7 +1146,7 @@ def _check_xls(data: bytes, limits: ReturnLimits) -> None:
         if kind == _BIFF_EOF:
             break
         if kind == _BIFF_FILEPASS and len(record) >= 2 and bytes(record[:2]) != b"\0\0":
-            _refuse(STATUS_UNREADABLE, "the file is password-protected; please send it without a password")
+            _refuse(STATUS_UNREADABLE, reasons.PASSWORD)
         if kind == _BIFF_BOUNDSHEET and len(record) >= 6:
             sheets.append(struct.unpack_from("<I", record)[0])
     if len(sheets) > limits.max_sheets:
@@ -1288,13 +1254,23 @@ def read_return(
     except _Verdict as verdict:
         if fmt == FORMAT_UNKNOWN:
             fmt = verdict.format if verdict.format is not None else sniff_format(data, filename)
-        return ReturnReading(status=verdict.status, reason=verdict.reason, format=fmt)
+        return _refused(verdict, fmt)
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:
         # A Rust panic inside calamine surfaces as pyo3's PanicException,
         # which derives from BaseException: it is still just a bad file.
-        return ReturnReading(status=STATUS_UNREADABLE, reason=_unexpected(exc), format=fmt)
+        return _refused(_unexpected(exc), fmt)
+
+
+def _refused(verdict: _Verdict, fmt: str) -> ReturnReading:
+    return ReturnReading(
+        status=verdict.status,
+        reason=verdict.reason,
+        format=fmt,
+        reason_code=verdict.code,
+        reason_params=verdict.params,
+    )
 
 
 def _read(
@@ -1304,9 +1280,9 @@ def _read(
     try:
         book = python_calamine.CalamineWorkbook.from_filelike(io.BytesIO(data))
     except python_calamine.PasswordError:
-        _refuse(STATUS_UNREADABLE, "the file is password-protected; please send it without a password")
+        _refuse(STATUS_UNREADABLE, reasons.PASSWORD)
     except python_calamine.CalamineError as exc:
-        _refuse(STATUS_UNREADABLE, _unexpected(exc))
+        raise _unexpected(exc) from exc
     with book:
         metadata = book.sheets_metadata
         if len(metadata) > limits.max_sheets:
@@ -1387,27 +1363,29 @@ def _find_plan(
             unrelated = (name, header.texts[header.key or 0], _sample_keys(plan))
     if unrelated is not None:
         _, column, examples = unrelated
-        shown = ", ".join(examples) if examples else "none"
-        wanted = ", ".join(layout.keys[:3])
         _refuse(
             STATUS_REJECTED,
-            f"it is not the campaign's workbook: none of the codes in column {column!r} ({shown}) is one of "
-            f"the plan's ({wanted}, …); please fill in the workbook we sent and send it back",
+            reasons.NOT_OURS_CODES,
+            column=column,
+            shown=", ".join(examples),
+            wanted=", ".join(layout.keys[:3]),
         )
-    _refuse(STATUS_REJECTED, _not_ours(key_column, fill_column, best_partial))
+    _not_ours(key_column, fill_column, best_partial)
 
 
-def _not_ours(key_column: str, fill_column: str, best: tuple[str, _HeaderMatch] | None) -> str:
-    missing = []
-    if best is None or best[1].key is None:
-        missing.append(f"no column {key_column!r}")
-    if best is None or best[1].fill is None:
-        missing.append(f"no column {fill_column!r}")
-    reason = f"it is not the campaign's workbook: {' and '.join(missing)} in the first {HEADER_SEARCH_ROWS} rows"
-    if best is not None and any(best[1].texts):
-        seen = ", ".join(text for text in best[1].texts if text)[:200]
-        reason += f" of any sheet (sheet {best[0]!r} has: {seen})"
-    return reason + "; please fill in the workbook we sent and send it back"
+def _not_ours(key_column: str, fill_column: str, best: tuple[str, _HeaderMatch] | None) -> NoReturn:
+    seen = ", ".join(text for text in best[1].texts if text)[:200] if best is not None else ""
+    _refuse(
+        STATUS_REJECTED,
+        reasons.NOT_OURS_COLUMNS,
+        key_column=key_column,
+        fill_column=fill_column,
+        no_key="yes" if best is None or best[1].key is None else "",
+        no_fill="yes" if best is None or best[1].fill is None else "",
+        rows=str(HEADER_SEARCH_ROWS),
+        sheet=best[0] if best is not None else "",
+        seen=seen,
+    )
 
 
 def _relative(

@@ -16,12 +16,13 @@ import secrets
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from mailflow import reasons
 from mailflow.errors import StoreError
 
 BUSY_TIMEOUT_SECONDS = 15.0
@@ -191,6 +192,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX outbox_by_delegation ON outbox (delegation, kind, created_at);
     """,
+    # 5: why a file could not be read, as a code and its parameters, so a follow-up says it in the
+    # delegation's language (``reason`` keeps the English sentence).
+    """
+    ALTER TABLE attachment ADD COLUMN reason_code TEXT;
+    ALTER TABLE attachment ADD COLUMN reason_params TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 
 
@@ -294,6 +301,12 @@ class AttachmentRow:
     reason: str | None
     filled: int
     duplicate_of: int | None
+    reason_code: str | None = None
+    reason_params: Mapping[str, str] = field(default_factory=dict)
+
+    def reason_in(self, language: str) -> str:
+        """Why the file could not be read, written in ``language`` when the reason has a code."""
+        return reasons.written(self.reason, self.reason_code, self.reason_params, language)
 
 
 @dataclass(frozen=True)
@@ -862,22 +875,52 @@ class Store:
         reason: str | None,
         filled: int,
         duplicate_of: int | None,
+        reason_code: str | None = None,
+        reason_params: Mapping[str, str] | None = None,
     ) -> int:
         cursor = self._execute(
             "INSERT INTO attachment (inbound_id, filename, content_type, sha256, size, status, reason, filled, "
-            "duplicate_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (inbound_id, filename, content_type, sha256, size, status, reason, filled, duplicate_of),
+            "duplicate_of, reason_code, reason_params) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                inbound_id,
+                filename,
+                content_type,
+                sha256,
+                size,
+                status,
+                reason,
+                filled,
+                duplicate_of,
+                reason_code,
+                json.dumps(dict(reason_params or {}), ensure_ascii=False),
+            ),
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
     def attachments(self, inbound_id: int) -> list[AttachmentRow]:
         rows = self._execute(
-            "SELECT id, inbound_id, filename, content_type, sha256, size, status, reason, filled, duplicate_of "
-            "FROM attachment WHERE inbound_id = ? ORDER BY id",
+            "SELECT id, inbound_id, filename, content_type, sha256, size, status, reason, filled, duplicate_of, "
+            "reason_code, reason_params FROM attachment WHERE inbound_id = ? ORDER BY id",
             (inbound_id,),
         )
-        return [AttachmentRow(*r) for r in rows]
+        return [
+            AttachmentRow(
+                id=r[0],
+                inbound_id=r[1],
+                filename=r[2],
+                content_type=r[3],
+                sha256=r[4],
+                size=r[5],
+                status=r[6],
+                reason=r[7],
+                filled=r[8],
+                duplicate_of=r[9],
+                reason_code=r[10],
+                reason_params=json.loads(r[11]),
+            )
+            for r in rows
+        ]
 
     def attachment_seen(self, campaign: str, delegation: str, sha256: str) -> int | None:
         """A byte-identical file this delegation sent before (counted once)."""

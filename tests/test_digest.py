@@ -236,7 +236,7 @@ def test_attention_lists_what_needs_a_person(campaign: Campaign) -> None:
     assert "not a listed contact" in held["detail"]
     assert unreadable["delegation"] == "El Salvador"
     assert unreadable["detail"].startswith("Plan estratégico - El Salvador.xlsx: ")
-    assert "not a spreadsheet" in unreadable["detail"]  # the reason the delegation was given
+    assert "no es una hoja de cálculo" in unreadable["detail"]  # the reason the delegation was given, in Spanish
     assert bounce["delegation"] == "Belize" and "5.1.1" in bounce["detail"]
     assert changed["delegation"] == "Nicaragua" and changed["what"] == "1 cambio fuera de la columna «Responsible»"
     [line] = changed["lines"]

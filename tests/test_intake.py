@@ -18,7 +18,7 @@ from mailflow.engine import Engine
 from mailflow.mailbox import MaildirMailbox
 from mailflow.sender import LocalTransport
 from mailflow.store import Store
-from tests.helpers import example_data, fill_workbook, reply_to, workbook_of, write_config
+from tests.helpers import ROOT, example_data, fill_workbook, reply_to, workbook_of, write_config
 
 OPENS = datetime(2017, 10, 18, 16, 0, tzinfo=UTC)
 
@@ -253,3 +253,28 @@ def test_a_message_that_ends_the_process_twice_is_set_aside_and_the_others_are_r
     assert store.inbound_raw(failed.id) == inbox.get_bytes(left)
     # The next pass is an ordinary one: nothing new, nothing read twice.
     assert engine.tick().inbox.read == 0
+
+
+def test_why_a_file_could_not_be_read_is_written_in_the_delegation_s_language(local: Any) -> None:
+    """The reader's reason reaches Honduras in Spanish and Belize in English; the store keeps the English one."""
+    engine, clock, requests, inbox = local
+    encrypted = (ROOT / "tests" / "fixtures" / "hostile" / "encrypted-ole.xlsx").read_bytes()
+    for delegation, sender in (("HN", "enlace@sre.example.hn"), ("BZ", "liaison@immigration.example.bz")):
+        name, _ = workbook_of(requests[delegation])
+        inbox.add(reply_to(requests[delegation], sender=sender, attachments=[(name, encrypted)]))
+    clock.set(OPENS + timedelta(hours=1))
+    report = engine.tick()
+    assert report.inbox.by_outcome == {"applied": 2}
+    follow_ups = {row.delegation: row for row in engine.store.outbox() if row.inbound_id is not None}
+    assert {row.kind for row in follow_ups.values()} == {"unreadable"}
+    honduras = email.message_from_bytes(engine.store.body(follow_ups["HN"].id), policy=default)
+    belize = email.message_from_bytes(engine.store.body(follow_ups["BZ"].id), policy=default)
+    honduras_text = honduras.get_body(("plain",)).get_content()
+    belize_text = belize.get_body(("plain",)).get_content()
+    assert "el archivo está protegido con contraseña; por favor envíenlo sin contraseña" in honduras_text
+    assert "password" not in honduras_text
+    assert "the file is password-protected; please send it without a password" in belize_text
+    [row] = engine.store.inbound_rows(delegation="HN")
+    [attachment] = engine.store.attachments(row.id)
+    assert attachment.reason == "the file is password-protected; please send it without a password"
+    assert attachment.reason_code == "password" and attachment.reason_in("es").startswith("el archivo está")

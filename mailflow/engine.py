@@ -49,7 +49,7 @@ from mailflow.render import (
     timezone_label,
 )
 from mailflow.render import format_date as render_date
-from mailflow.sender import Batch, Transport
+from mailflow.sender import Batch, InFlight, Transport
 from mailflow.store import DelegationState, InboundRow, OutboxRow, OutboxStatus, StateRow, Store
 from mailflow.workbook import MasterLayout, RequestWorkbookFactory, make_fingerprint, read_master
 
@@ -60,7 +60,6 @@ ATTACH_WORKBOOK = frozenset({*CAMPAIGN_KINDS, "missing", "unreadable"})
 DEFAULT_ATTACHMENT_NAMES = {"es": "{campaign} - {delegation}.xlsx", "en": "{campaign} - {delegation}.xlsx"}
 
 
-COMPOSE_BATCH = 100
 MISSING_CACHE_SIZE = 256
 DIGEST = "digest"
 
@@ -72,6 +71,15 @@ class Composed:
     raw: bytes
     subject: str
     recipients: list[str]
+
+
+@dataclass(frozen=True)
+class _Flight:
+    """An email handed to the server whose answer is still to be read."""
+
+    row: OutboxRow
+    recipients: list[str]
+    started: InFlight
 
 
 @dataclass
@@ -216,7 +224,6 @@ class Engine:
         if self.mailbox is not None:
             report.inbox = self.intake.read_inbox(self.mailbox, now)
         self.plan(now, report)
-        self.compose_pending(now, report)
         self.send_pending(report)
         return report
 
@@ -404,61 +411,17 @@ class Engine:
     def _message_id(self, campaign: Campaign, delegation: Delegation, slot: str) -> str:
         return make_message_id(self.config.secretariat.domain, campaign.id, delegation.id, slot)
 
-    def compose_pending(self, now: datetime, report: TickReport | None = None) -> TickReport:
-        """Render every due outbox row that has no body yet; a failure is recorded and retried later."""
-        report = report or TickReport()
-        composed: list[tuple[int, Composed]] = []
-        states: dict[str, dict[str, StateRow]] = {}  # read once per campaign: composing changes no state
-        for row in self.store.pending(now):
-            if row.has_body:
-                continue
-            try:
-                ready = self.compose_bytes(
-                    row.campaign,
-                    row.delegation,
-                    row.kind,
-                    row.scheduled_at or now,
-                    row.message_id,
-                    now,
-                    inbound_id=row.inbound_id,
-                    slot=row.slot,
-                    states=states,
-                )
-            except (MailflowError, KeyError) as exc:
-                reason = f"cannot compose the {row.kind} for {row.delegation}: {_describe(exc)}"
-                log.error("%s", reason)
-                with self.store.transaction():
-                    self.store.mark_retry(row.id, reason, now + self._backoff(row.attempts + 1))
-                    self.store.record_event(
-                        now,
-                        "compose_failed",
-                        reason,
-                        campaign=row.campaign,
-                        delegation=row.delegation,
-                        detail={"kind": row.kind, "slot": row.slot},
-                        outbox_id=row.id,
-                    )
-                report.compose_errors.append(row.id)
-                continue
-            composed.append((row.id, ready))
-            if len(composed) >= COMPOSE_BATCH:
-                self._store_bodies(composed)
-        self._store_bodies(composed)
-        return report
-
-    def _store_bodies(self, composed: list[tuple[int, Composed]]) -> None:
-        """Store composed emails, a batch per transaction (nothing is sent yet, so a batch is safe)."""
-        if not composed:
-            return
-        with self.store.transaction():
-            for outbox_id, ready in composed:
-                self.store.set_body(outbox_id, ready.raw, subject=ready.subject, recipients=ready.recipients)
-        composed.clear()
-
     def send_pending(self, report: TickReport | None = None) -> TickReport:
-        """Send every composed, due email over one connection, at most ``rate_per_minute``."""
+        """Compose and send every due email over one connection, at most ``rate_per_minute``.
+
+        An email is composed just before it is sent, while the server is still taking in the previous
+        one (whose answer is read afterwards), so the next email never waits for its own rendering.
+        Its body is stored, in the transaction that records the previous email's outcome, before it is
+        handed to the server; a retry sends those same bytes. A failure to compose is recorded and
+        retried later; the other emails go on."""
         report = report or TickReport()
-        rows = [row for row in self.store.pending(self.clock.now()) if row.has_body]
+        now = self.clock.now()
+        rows = self.store.pending(now)
         if not rows:
             return report
         interval = 60.0 / self.config.mail.rate_per_minute if self.config.mail.rate_per_minute else 0.0
@@ -467,6 +430,8 @@ class Engine:
         refused_before = {
             delegation: {r.address for r in refusals} for delegation, refusals in self.store.refusals().items()
         }
+        states: dict[str, dict[str, StateRow]] = {}  # read once per campaign: sending changes no answer
+        flight: _Flight | None = None
         with Batch(self.transport) as batch:
             for index, row in enumerate(rows):
                 if self.stop_requested():
@@ -474,8 +439,21 @@ class Engine:
                     break
                 if self._no_longer_needed(row):
                     continue
+                composed = None if row.has_body else self._compose_row(row, now, states, report)
+                if composed is None and not row.has_body:
+                    continue  # recorded as not composed, retried later
+                with self.store.transaction():  # one commit: the last email's outcome and this one's body
+                    if flight is not None:
+                        self._land(flight, report)
+                        flight = None
+                    if composed is not None:
+                        self.store.set_body(
+                            row.id, composed.raw, subject=composed.subject, recipients=composed.recipients
+                        )
+                raw = composed.raw if composed is not None else self.store.body(row.id)
                 gone = refused_before.get(row.delegation, set())
-                recipients = [address for address in row.recipients if address.lower() not in gone]
+                listed = composed.recipients if composed is not None else row.recipients
+                recipients = [address for address in listed if address.lower() not in gone]
                 if not recipients:
                     self._fail(
                         row,
@@ -489,7 +467,7 @@ class Engine:
                     wait = interval - (self.clock.now() - last_sent).total_seconds()
                     self.clock.sleep(wait)
                 try:
-                    refused = batch.send(sender, recipients, self.store.body(row.id))
+                    flight = _Flight(row, recipients, batch.begin(sender, recipients, raw))
                 except ServerUnavailable as exc:
                     # No connection at all: every remaining email waits for the next attempt.
                     for waiting in rows[index:]:
@@ -502,8 +480,54 @@ class Engine:
                     self._fail(row, str(exc), exc.refused, report)
                     continue
                 last_sent = self.clock.now()
-                self._sent(row, recipients, refused, report)
+            if flight is not None:
+                self._land(flight, report)
         return report
+
+    def _compose_row(
+        self, row: OutboxRow, now: datetime, states: dict[str, dict[str, StateRow]], report: TickReport
+    ) -> Composed | None:
+        """Render one due outbox row; a failure is recorded, retried later, and gives None."""
+        try:
+            return self.compose_bytes(
+                row.campaign,
+                row.delegation,
+                row.kind,
+                row.scheduled_at or now,
+                row.message_id,
+                now,
+                inbound_id=row.inbound_id,
+                slot=row.slot,
+                states=states,
+            )
+        except (MailflowError, KeyError) as exc:
+            reason = f"cannot compose the {row.kind} for {row.delegation}: {_describe(exc)}"
+            log.error("%s", reason)
+            with self.store.transaction():
+                self.store.mark_retry(row.id, reason, now + self._backoff(row.attempts + 1))
+                self.store.record_event(
+                    now,
+                    "compose_failed",
+                    reason,
+                    campaign=row.campaign,
+                    delegation=row.delegation,
+                    detail={"kind": row.kind, "slot": row.slot},
+                    outbox_id=row.id,
+                )
+            report.compose_errors.append(row.id)
+            return None
+
+    def _land(self, flight: _Flight, report: TickReport) -> None:
+        """Read the server's answer to an email handed over, and record what became of it."""
+        try:
+            refused = flight.started.finish()
+        except TemporarySendError as exc:
+            self._retry(flight.row, str(exc), report)
+            return
+        except PermanentSendError as exc:
+            self._fail(flight.row, str(exc), exc.refused, report)
+            return
+        self._sent(flight.row, flight.recipients, refused, report)
 
     def _no_longer_needed(self, row: OutboxRow) -> bool:
         if row.kind not in (schedule.REMINDER, schedule.OVERDUE):

@@ -4,15 +4,22 @@ A transport opens one :class:`Connection` for a batch; ``send`` returns the
 recipients the server refused for good and raises :class:`TemporarySendError`
 or :class:`PermanentSendError` for the message as a whole. Deciding what to do
 about a failure (retry later, mark a contact refused) is the engine's job.
+
+``begin`` sends a message and returns before the server's final answer
+(:class:`InFlight`; ``finish`` reads it): the engine composes the next
+email while the server is still taking in the last one. Nothing is ever
+sent before the previous answer was read, so this is plain SMTP, not
+pipelining.
 """
 
 from __future__ import annotations
 
 import contextlib
 import mailbox
+import re
 import smtplib
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
@@ -27,14 +34,37 @@ from mailflow.errors import (
     TemporarySendError,
 )
 
+Refused = dict[str, tuple[int, str]]
+"""Recipients refused for good: {address: (code, text)}."""
+
+
+class InFlight(Protocol):
+    """A message handed to the server, its final answer not read yet."""
+
+    def finish(self) -> Refused:
+        """The server's answer: the recipients refused for good, or the send errors of ``send``."""
+
 
 class Connection(Protocol):
     """An open channel to send a batch of messages."""
 
-    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> dict[str, tuple[int, str]]:
+    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> Refused:
         """Send one message. Returns the recipients refused for good ({address: (code, text)})."""
 
+    def begin(self, sender: str, recipients: Sequence[str], raw: bytes) -> InFlight:
+        """Send one message without waiting for the server's final answer."""
+
     def close(self) -> None: ...
+
+
+class _Answered:
+    """A message whose answer is already known (sent in one step)."""
+
+    def __init__(self, refused: Refused) -> None:
+        self._refused = refused
+
+    def finish(self) -> Refused:
+        return self._refused
 
 
 class Transport(Protocol):
@@ -56,39 +86,109 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def _data_section(raw: bytes) -> bytes:
+    """``raw`` as the DATA section carries it: leading dots doubled, ended by CRLF "." CRLF (RFC 5321 4.5.2)."""
+    quoted = _LEADING_DOT.sub(b"..", raw)
+    if not quoted.endswith(b"\r\n"):
+        quoted += b"\r\n"
+    return quoted + b".\r\n"
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """What smtplib raises, as the send errors the engine decides on."""
+    try:
+        yield
+    except smtplib.SMTPRecipientsRefused as exc:
+        codes = {addr: (code, _text(text)) for addr, (code, text) in exc.recipients.items()}
+        if all(code >= 500 for code, _ in codes.values()):
+            summary = "; ".join(f"{a}: {c} {t}" for a, (c, t) in codes.items())
+            raise PermanentSendError(
+                f"every recipient refused: {summary}", code=min(c for c, _ in codes.values()), refused=codes
+            ) from exc
+        raise TemporarySendError(
+            "recipients temporarily refused: " + "; ".join(f"{a}: {c} {t}" for a, (c, t) in codes.items()),
+            code=max(c for c, _ in codes.values() if c < 500),
+        ) from exc
+    except smtplib.SMTPServerDisconnected as exc:
+        raise TemporarySendError(f"connection lost while sending: {exc}") from exc
+    except smtplib.SMTPResponseException as exc:
+        message = f"{exc.smtp_code} {_text(exc.smtp_error)}"
+        if 400 <= exc.smtp_code < 500:
+            raise TemporarySendError(f"server said {message}", code=exc.smtp_code) from exc
+        raise PermanentSendError(f"server refused: {message}", code=exc.smtp_code) from exc
+    except (OSError, smtplib.SMTPException) as exc:
+        raise TemporarySendError(f"sending failed: {exc}") from exc
+
+
+def _abandon(client: smtplib.SMTP, code: int) -> None:
+    """After a refusal: drop the session on 421 (the server is closing it), else reset the transaction."""
+    if code == 421:
+        client.close()
+        return
+    with contextlib.suppress(smtplib.SMTPServerDisconnected, OSError):
+        client.rset()
+
+
+class _SmtpInFlight:
+    """The message body is sent; the server's "250" (or its refusal) is still to be read."""
+
+    def __init__(self, client: smtplib.SMTP, refused: Refused) -> None:
+        self._client = client
+        self._refused = refused
+
+    def finish(self) -> Refused:
+        with _translated():
+            code, response = self._client.getreply()
+            if code != 250:
+                _abandon(self._client, code)
+                raise smtplib.SMTPDataError(code, response)
+        return self._refused
+
+
 class SmtpConnection:
     """One SMTP session, reused for a whole batch."""
 
     def __init__(self, client: smtplib.SMTP) -> None:
         self._client = client
 
-    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> dict[str, tuple[int, str]]:
-        try:
-            refused = self._client.sendmail(sender, list(recipients), raw)
-        except smtplib.SMTPRecipientsRefused as exc:
-            codes = {addr: (code, _text(text)) for addr, (code, text) in exc.recipients.items()}
-            if all(code >= 500 for code, _ in codes.values()):
-                summary = "; ".join(f"{a}: {c} {t}" for a, (c, t) in codes.items())
-                raise PermanentSendError(
-                    f"every recipient refused: {summary}", code=min(c for c, _ in codes.values()), refused=codes
-                ) from exc
-            raise TemporarySendError(
-                "recipients temporarily refused: " + "; ".join(f"{a}: {c} {t}" for a, (c, t) in codes.items()),
-                code=max(c for c, _ in codes.values() if c < 500),
-            ) from exc
-        except smtplib.SMTPServerDisconnected as exc:
-            raise TemporarySendError(f"connection lost while sending: {exc}") from exc
-        except smtplib.SMTPResponseException as exc:
-            message = f"{exc.smtp_code} {_text(exc.smtp_error)}"
-            if 400 <= exc.smtp_code < 500:
-                raise TemporarySendError(f"server said {message}", code=exc.smtp_code) from exc
-            raise PermanentSendError(f"server refused: {message}", code=exc.smtp_code) from exc
-        except (OSError, smtplib.SMTPException) as exc:
-            raise TemporarySendError(f"sending failed: {exc}") from exc
-        out: dict[str, tuple[int, str]] = {}
-        for addr, (code, text) in refused.items():
-            out[addr] = (code, _text(text))
-        return out
+    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> Refused:
+        return self.begin(sender, recipients, raw).finish()
+
+    def begin(self, sender: str, recipients: Sequence[str], raw: bytes) -> InFlight:
+        """What ``smtplib.SMTP.sendmail`` does, up to the last line of the message: the answer is read later."""
+        with _translated():
+            refused = self._start(sender, list(recipients), raw)
+        return _SmtpInFlight(self._client, refused)
+
+    def _start(self, sender: str, recipients: list[str], raw: bytes) -> Refused:
+        client = self._client
+        client.ehlo_or_helo_if_needed()
+        options = [f"size={len(raw)}"] if client.does_esmtp and client.has_extn("size") else []
+        code, response = client.mail(sender, options)
+        if code != 250:
+            _abandon(client, code)
+            raise smtplib.SMTPSenderRefused(code, response, sender)
+        refused: dict[str, tuple[int, bytes]] = {}
+        for address in recipients:
+            code, response = client.rcpt(address)
+            if code not in (250, 251):
+                refused[address] = (code, response)
+            if code == 421:
+                client.close()
+                raise smtplib.SMTPRecipientsRefused(refused)
+        if len(refused) == len(recipients):
+            _abandon(client, 0)
+            raise smtplib.SMTPRecipientsRefused(refused)
+        code, response = client.docmd("data")
+        if code != 354:
+            _abandon(client, code)
+            raise smtplib.SMTPDataError(code, response)
+        client.send(_data_section(raw))
+        return {address: (code, _text(text)) for address, (code, text) in refused.items()}
 
     def close(self) -> None:
         try:
@@ -205,13 +305,16 @@ class LocalConnection:
     def __init__(self, folder: mailbox.Maildir) -> None:
         self._folder = folder
 
-    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> dict[str, tuple[int, str]]:
+    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> Refused:
         envelope = f"X-Mailflow-Envelope-From: {sender}\r\nX-Mailflow-Envelope-To: {', '.join(recipients)}\r\n"
         try:
             self._folder.add(envelope.encode("ascii") + raw)
         except OSError as exc:
             raise TemporarySendError(f"cannot write to the local outbox: {exc}") from exc
         return {}
+
+    def begin(self, sender: str, recipients: Sequence[str], raw: bytes) -> InFlight:
+        return _Answered(self.send(sender, recipients, raw))
 
     def close(self) -> None:
         return None
@@ -254,14 +357,36 @@ class Batch:
                 self._connection.close()
             self._connection = None
 
-    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> dict[str, tuple[int, str]]:
+    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> Refused:
+        return self.begin(sender, recipients, raw).finish()
+
+    def begin(self, sender: str, recipients: Sequence[str], raw: bytes) -> InFlight:
+        """Hand one message to the server; ``finish`` on the result reads its answer.
+
+        Raises :class:`ServerUnavailable` when no connection can be opened; a temporary failure (then,
+        or when finishing) also forgets the connection, which the next message opens again."""
         if self._connection is None:
             try:
                 self._connection = self._transport.connect()
             except SendError as exc:
                 raise ServerUnavailable(str(exc), code=exc.code) from exc
         try:
-            return self._connection.send(sender, recipients, raw)
+            return _Watched(self, self._connection.begin(sender, recipients, raw))
         except TemporarySendError:
             self.reset()
+            raise
+
+
+class _Watched:
+    """An in-flight message of a :class:`Batch`, which forgets its connection if finishing fails."""
+
+    def __init__(self, batch: Batch, flight: InFlight) -> None:
+        self._batch = batch
+        self._flight = flight
+
+    def finish(self) -> Refused:
+        try:
+            return self._flight.finish()
+        except TemporarySendError:
+            self._batch.reset()
             raise

@@ -55,7 +55,7 @@ from mailflow.engine import Engine, TickReport
 from mailflow.errors import MailflowError
 from mailflow.lock import InstanceLock
 from mailflow.mailbox import Fetched, ImapMailbox, ImapSession, Mailbox, MailboxError, MaildirMailbox, Session
-from mailflow.sender import Connection, Transport
+from mailflow.sender import Connection, InFlight, Transport
 from mailflow.store import Store
 
 log = logging.getLogger("mailflow")
@@ -216,9 +216,12 @@ class _StopAwareConnection:
         self._stop = stop
 
     def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> dict[str, tuple[int, str]]:
+        return self.begin(sender, recipients, raw).finish()
+
+    def begin(self, sender: str, recipients: Sequence[str], raw: bytes) -> InFlight:
         if self._stop.is_set():
             raise _Stopping
-        return self._inner.send(sender, recipients, raw)
+        return self._inner.begin(sender, recipients, raw)
 
     def close(self) -> None:
         self._inner.close()
@@ -425,7 +428,6 @@ class Service:
         now = self.clock.now()
         report = TickReport()
         self.engine.plan(now, report)
-        self.engine.compose_pending(now, report)
         self.engine.send_pending(report)
         with self.store.transaction():
             self.store.set_meta(HEARTBEAT_SEND_PASS, now.isoformat())

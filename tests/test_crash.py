@@ -142,6 +142,12 @@ class _Accepting:
     def send(self, sender: str, recipients: Any, raw: bytes) -> dict[str, tuple[int, str]]:
         return {}
 
+    def begin(self, sender: str, recipients: Any, raw: bytes) -> _Accepting:
+        return self
+
+    def finish(self) -> dict[str, tuple[int, str]]:
+        return {}
+
     def close(self) -> None:
         return None
 

@@ -736,11 +736,53 @@ def _dependencies(config: Config) -> list[Path]:
     return [*paths, Path(__file__)]
 
 
+MAX_VALUES = 100_000  # values of a configuration once its aliases are expanded (a "billion laughs" has 10^9)
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """How many values the YAML node graph ``root`` stands for with every alias expanded, counted up to ``limit``.
+
+    An alias is the node its anchor names, shared: each node's size is counted once and reused, so the count
+    costs as many steps as there are distinct nodes, however many times they are repeated."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+            continue
+        total = 1
+        for child in children:
+            total += sizes.get(id(child), 0)
+        sizes[id(node)] = min(total, limit + 1)
+    return sizes[id(root)]
+
+
 def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
     """Validate YAML ``text`` as if read from ``path`` (relative paths resolve beside it)."""
     source = path.name
     try:
-        data = yaml.load(text, Loader=SAFE_LOADER)
+        loader = SAFE_LOADER(text)
+        try:
+            root = loader.get_single_node()
+            if root is not None and _expanded_size(root, MAX_VALUES) > MAX_VALUES:
+                raise ConfigError(
+                    [
+                        f"{source}: the anchors and aliases (& and *) expand to more than {MAX_VALUES:,} values; "
+                        "a mailflow configuration has a few hundred: write the repeated parts out, or fewer times"
+                    ]
+                )
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source

@@ -253,3 +253,35 @@ def test_a_slow_to_validate_configuration_is_cached_until_anything_it_depends_on
     cached_file.write_bytes(b"garbage")
     assert load_config(path, environ) == first
     assert load_config(path, {**environ, "MAILFLOW_CACHE": "off"}) == first
+
+
+BILLION_LAUGHS = "\n".join(
+    [
+        'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]',
+        *(
+            f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]"
+            for previous, name in zip("abcdefgh", "bcdefghi", strict=True)
+        ),
+    ]
+)
+
+
+def test_a_yaml_billion_laughs_is_refused_before_anything_walks_it(tmp_path: Path) -> None:
+    """Nine levels of nine aliases stand for 387 million values: refused from the node graph, whose distinct
+    nodes are few (a walk of every value would take minutes and gigabytes: this test would not end)."""
+    assert problems_of(BILLION_LAUGHS, tmp_path) == [
+        "mailflow.yaml: the anchors and aliases (& and *) expand to more than 100,000 values; a mailflow "
+        "configuration has a few hundred: write the repeated parts out, or fewer times"
+    ]
+
+
+def test_anchors_and_aliases_used_as_people_use_them_are_fine() -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    # The same contact list for two delegations, written once.
+    shared = text.replace(
+        "contacts: [liaison@immigration.example.bz]", "contacts: &shared [liaison@immigration.example.bz]", 1
+    ).replace("contacts: [enlace@sre.example.hn]", "contacts: *shared", 1)
+    assert shared.count("*shared") == 1 and shared.count("&shared") == 1
+    config = parse_config(shared, EXAMPLE, {})
+    contacts = {d.id: d.contacts for d in config.delegations}
+    assert contacts["HN"] == contacts["BZ"] == ("liaison@immigration.example.bz",)

@@ -644,7 +644,7 @@ def _attention(
                     row.delegation,
                     row.campaign,
                     words["what_held"],
-                    _held_detail(row, words),
+                    _held_detail(row, words, language),
                     new=new,
                 )
             )
@@ -656,7 +656,7 @@ def _attention(
                     row.delegation,
                     row.campaign,
                     words["what_failed"],
-                    _message_detail(row, words),
+                    _message_detail(row, words, language),
                     new=new,
                 )
             )
@@ -668,7 +668,7 @@ def _attention(
                     row.delegation,
                     row.campaign,
                     words["what_too_large"],
-                    _message_detail(row, words),
+                    _message_detail(row, words, language),
                 )
             )
         if new and row.campaign and row.delegation and row.duplicate_of is None:
@@ -758,17 +758,17 @@ def _attention(
     ]
 
 
-def _held_detail(row: InboundRow, words: Mapping[str, str]) -> str:
+def _held_detail(row: InboundRow, words: Mapping[str, str], language: str) -> str:
     detail = words["detail_held"].format(
         sender=row.from_address or words["unknown_sender"],
         subject=_clip(row.subject, VALUE_LIMIT) or words["no_subject"],
-        reason=_clip(row.reason or "", 2 * VALUE_LIMIT),
+        reason=_clip(row.reason_in(language), 2 * VALUE_LIMIT),
     )
     return detail.strip()
 
 
-def _message_detail(row: InboundRow, words: Mapping[str, str]) -> str:
-    parts = [_clip(row.reason or "", 2 * VALUE_LIMIT)]
+def _message_detail(row: InboundRow, words: Mapping[str, str], language: str) -> str:
+    parts = [_clip(row.reason_in(language), 2 * VALUE_LIMIT)]
     if row.from_address or row.subject:
         subject = words["quoted"].format(text=_clip(row.subject, VALUE_LIMIT)) if row.subject else words["no_subject"]
         parts.append(f"{row.from_address or words['unknown_sender']}: {subject}")

@@ -122,6 +122,9 @@ class Analysis:
     answers: Mapping[str, str] = field(default_factory=dict)  # what this message would record
     follow_up: str | None = None
     follow_up_reason: str | None = None
+    reason_code: str | None = None
+    """The :mod:`mailflow.reasons` code of ``reason``, when it has one."""
+    reason_params: Mapping[str, str] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The contract's ``inspect --json`` shape, with a few extra keys."""
@@ -223,14 +226,31 @@ class Intake:
         if message.kind == inbound.KIND_BOUNCE:
             failed = ", ".join(f"{f.recipient} {f.status}" for f in message.failures) or "no recipient named"
             # Anyone can write a delivery report: only one that returns an email we sent marks a contact.
-            verified = evidence.startswith("in reply to")
-            outcome, reason = (
-                (BOUNCE, f"delivery failure: {failed}")
-                if verified
-                else (HELD, f"held for review: a delivery report ({failed}) that returns no email mailflow sent")
-            )
+            if evidence.startswith("in reply to"):
+                return Analysis(
+                    digest,
+                    message,
+                    inbound.KIND_BOUNCE,
+                    campaign,
+                    delegation,
+                    evidence,
+                    trusted,
+                    BOUNCE,
+                    f"delivery failure: {failed}",
+                )
+            forged = {"failed": failed}
             return Analysis(
-                digest, message, inbound.KIND_BOUNCE, campaign, delegation, evidence, trusted, outcome, reason
+                digest,
+                message,
+                inbound.KIND_BOUNCE,
+                campaign,
+                delegation,
+                evidence,
+                trusted,
+                HELD,
+                reasons.explain(reasons.HELD_FORGED_BOUNCE, forged),
+                reason_code=reasons.HELD_FORGED_BOUNCE,
+                reason_params=forged,
             )
         if message.kind == inbound.KIND_AUTO_REPLY:
             return Analysis(
@@ -254,7 +274,7 @@ class Intake:
         body = {} if parsed else inbound.body_answers(message.body_text, layout.keys)
         answers.update(body)
         if not trusted and not self.config.inbound.accept_untrusted:
-            why = self._distrust_reason(message, delegation)
+            code, params = self._distrust_reason(message, delegation)
             return Analysis(
                 digest,
                 message,
@@ -264,10 +284,12 @@ class Intake:
                 evidence,
                 trusted,
                 HELD,
-                f"held for review: {why}",
+                reasons.explain(code, params),
                 results,
                 body,
                 answers,
+                reason_code=code,
+                reason_params=params,
             )
         follow_up, follow_reason = self._follow_up(campaign, delegation, results, answers, layout)
         return Analysis(
@@ -396,12 +418,13 @@ class Intake:
         listed = {a.lower() for a in delegation.contacts}
         return bool(message.from_address) and message.from_address in listed and not message.auth.failing
 
-    def _distrust_reason(self, message: inbound.Message, delegation: Delegation) -> str:
+    def _distrust_reason(self, message: inbound.Message, delegation: Delegation) -> tuple[str, dict[str, str]]:
+        """Why a reply is held: a :mod:`mailflow.reasons` code and its parameters."""
         if not message.from_address:
-            return "the sender address is missing"
+            return reasons.HELD_NO_SENDER, {}
         if message.from_address not in {a.lower() for a in delegation.contacts}:
-            return f"{message.from_address} is not a listed contact of {delegation.name}"
-        return f"the receiving server reports failing authentication ({', '.join(message.auth.failing)})"
+            return reasons.HELD_NOT_LISTED, {"sender": message.from_address, "delegation": delegation.name}
+        return reasons.HELD_AUTHENTICATION, {"checks": ", ".join(message.auth.failing)}
 
     def _read_attachments(
         self, message: inbound.Message, campaign: Campaign, delegation: Delegation, layout: MasterLayout
@@ -486,6 +509,8 @@ class Intake:
                 outcome=analysis.outcome,
                 reason=analysis.reason,
                 raw=raw,
+                reason_code=analysis.reason_code,
+                reason_params=analysis.reason_params,
             )
             self.store.record_event(
                 now,
@@ -775,12 +800,8 @@ class Intake:
         return True, None
 
     def _quarantine(self, fetched: Fetched, now: datetime) -> int:
-        reason = (
-            "mailflow stopped while reading this message, twice: it is kept, raw bytes included, and left "
-            "in the inbox for a person (mailflow inspect shows what it holds)"
-        )
-        log.error("message uid %s of %s: %s", fetched.uid, fetched.folder, reason)
-        return self._record_plain(fetched, now, outcome=FAILED, reason=reason, keep_raw=True)
+        log.error("message uid %s of %s: %s", fetched.uid, fetched.folder, reasons.explain(reasons.STOPPED_TWICE, {}))
+        return self._record_plain(fetched, now, outcome=FAILED, code=reasons.STOPPED_TWICE, keep_raw=True)
 
     def _original_moved(self, inbound_id: int) -> bool:
         row = self.store.inbound(inbound_id)
@@ -793,18 +814,29 @@ class Intake:
         """Account for one fetched message; never raises for the message's own faults."""
         raw = fetched.raw
         if not raw and fetched.size:
-            limit = self.config.inbound.max_message_bytes // (1024 * 1024)
-            reason = f"message of {fetched.size} bytes is over the {limit} MB limit; left in the inbox for a person"
-            return TOO_LARGE, self._record_plain(fetched, now, outcome=TOO_LARGE, reason=reason, keep_raw=False)
+            limit = str(self.config.inbound.max_message_bytes // (1024 * 1024))
+            return TOO_LARGE, self._record_plain(
+                fetched,
+                now,
+                outcome=TOO_LARGE,
+                code=reasons.MESSAGE_TOO_LARGE,
+                params={"size": str(fetched.size), "limit": limit},
+                keep_raw=False,
+            )
         try:
             digest = sha256(raw)
             message = inbound.parse_message(raw, self.message_limits)
             message_id = message.message_id
             seen = self.store.find_inbound(message_id, digest)
             if seen is not None:
-                reason = f"already processed as message {seen.id}"
                 return DUPLICATE, self._record_plain(
-                    fetched, now, outcome=DUPLICATE, reason=reason, keep_raw=False, message_id=message_id, seen=seen
+                    fetched,
+                    now,
+                    outcome=DUPLICATE,
+                    reason=f"already processed as message {seen.id}",
+                    keep_raw=False,
+                    message_id=message_id,
+                    seen=seen,
                 )
             analysis = self.analyse(raw, message=message)
             inbound_id = self.record(
@@ -823,8 +855,14 @@ class Intake:
             raise  # the store, not the message: stop the pass; the message stays unrecorded and is read again
         except Exception as exc:
             log.exception("cannot process message uid %s of %s", fetched.uid, fetched.folder)
-            reason = f"processing failed: {type(exc).__name__}: {exc}; kept for re-processing"
-            return FAILED, self._record_plain(fetched, now, outcome=FAILED, reason=reason, keep_raw=True)
+            return FAILED, self._record_plain(
+                fetched,
+                now,
+                outcome=FAILED,
+                code=reasons.PROCESSING_FAILED,
+                params={"error": f"{type(exc).__name__}: {exc}"},
+                keep_raw=True,
+            )
 
     def _record_plain(
         self,
@@ -832,12 +870,18 @@ class Intake:
         now: datetime,
         *,
         outcome: str,
-        reason: str,
         keep_raw: bool,
+        reason: str = "",
+        code: str | None = None,
+        params: Mapping[str, str] | None = None,
         message_id: str | None = None,
         seen: InboundRow | None = None,
     ) -> int:
-        """Account for a message that is not analysed: too large, seen before, or failing."""
+        """Account for a message that is not analysed: too large, seen before, or failing.
+
+        The reason is ``reason``, or the :mod:`mailflow.reasons` sentence of ``code`` and ``params``."""
+        if code is not None:
+            reason = reasons.explain(code, params or {})
         with self.store.transaction():
             inbound_id = self.store.add_inbound(
                 folder=fetched.folder,
@@ -858,6 +902,8 @@ class Intake:
                 reason=reason,
                 raw=fetched.raw if keep_raw else None,
                 duplicate_of=seen.id if seen else None,
+                reason_code=code,
+                reason_params=params,
             )
             self.store.record_event(now, f"received_{outcome}", reason, detail={"inbound_id": inbound_id})
         return inbound_id

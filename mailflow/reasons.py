@@ -1,12 +1,14 @@
-"""Why a returned file could not be read, in each language mailflow writes.
+"""Why a returned file could not be read, or a message was held, in each language mailflow writes.
 
 The readers (:mod:`mailflow.returns`, :mod:`mailflow.intake`) say what is
-wrong with a file as a code and its parameters; :func:`explain` writes the
-sentence, which always says what to do. English is what logs, ``inspect`` and
-the store's ``reason`` column keep; the follow-up to a delegation is written
-in the delegation's language. Parameters are plain text already (sizes, part
-names, counts); a technical detail (``detail``, ``error``) is quoted as the
-reader gave it.
+wrong as a code and its parameters; :func:`explain` writes the sentence. A
+file's reason (:data:`FILE_CODES`) goes to the delegation and always says
+what to do; a message's reason (:data:`MESSAGE_CODES`) tells the Secretariat
+what became of it. English is what logs, ``inspect`` and the store's
+``reason`` columns keep; the follow-up to a delegation is written in the
+delegation's language, the digest in the Secretariat's. Parameters are plain
+text already (sizes, part names, counts); a technical detail (``detail``,
+``error``) is quoted as the reader gave it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ NOT_OURS_CODES = "not_ours_codes"
 NOT_OURS_COLUMNS = "not_ours_columns"
 UNEXPECTED = "unexpected"
 ATTACHMENT_TOO_LARGE = "attachment_too_large"
+# What became of a received message (for the Secretariat).
+HELD_NO_SENDER = "held_no_sender"
+HELD_NOT_LISTED = "held_not_listed"
+HELD_AUTHENTICATION = "held_authentication"
+HELD_FORGED_BOUNCE = "held_forged_bounce"
+MESSAGE_TOO_LARGE = "message_too_large"
+PROCESSING_FAILED = "processing_failed"
+STOPPED_TWICE = "stopped_twice"
 
 _BOMB_EN = "a decompression bomb; please send the workbook as saved by Excel or LibreOffice"
 _BOMB_ES = "una bomba de descompresión; por favor envíen el libro tal como lo guarda Excel o LibreOffice"
@@ -187,9 +197,65 @@ _CATALOGUE: dict[str, dict[str, Callable[[Params], str]]] = {
         "en": lambda p: f"the file is larger than {p['limit']} MB; please send a smaller file",
         "es": lambda p: f"el archivo pesa más de {p['limit']} MB; por favor envíen un archivo más pequeño",
     },
+    HELD_NO_SENDER: {
+        "en": lambda p: "held for review: the sender address is missing",
+        "es": lambda p: "retenido para revisión: falta la dirección del remitente",
+    },
+    HELD_NOT_LISTED: {
+        "en": lambda p: f"held for review: {p['sender']} is not a listed contact of {p['delegation']}",
+        "es": lambda p: f"retenido para revisión: {p['sender']} no es un contacto registrado de {p['delegation']}",
+    },
+    HELD_AUTHENTICATION: {
+        "en": lambda p: f"held for review: the receiving server reports failing authentication ({p['checks']})",
+        "es": lambda p: (
+            f"retenido para revisión: el servidor que lo recibió informa que la autenticación falló ({p['checks']})"
+        ),
+    },
+    HELD_FORGED_BOUNCE: {
+        "en": lambda p: f"held for review: a delivery report ({p['failed']}) that returns no email mailflow sent",
+        "es": lambda p: (
+            f"retenido para revisión: un aviso de entrega ({p['failed']}) que no devuelve ningún "
+            "correo enviado por mailflow"
+        ),
+    },
+    MESSAGE_TOO_LARGE: {
+        "en": lambda p: (
+            f"message of {p['size']} bytes is over the {p['limit']} MB limit; left in the inbox for a person"
+        ),
+        "es": lambda p: (
+            f"mensaje de {p['size']} bytes, por encima del límite de {p['limit']} MB; "
+            "quedó en la bandeja para una persona"
+        ),
+    },
+    PROCESSING_FAILED: {
+        "en": lambda p: f"processing failed: {p['error']}; kept for re-processing",
+        "es": lambda p: f"no se pudo procesar: {p['error']}; se conserva para procesarlo de nuevo",
+    },
+    STOPPED_TWICE: {
+        "en": lambda p: (
+            "mailflow stopped while reading this message, twice: it is kept, raw bytes included, "
+            "and left in the inbox for a person (mailflow inspect shows what it holds)"
+        ),
+        "es": lambda p: (
+            "mailflow se detuvo dos veces mientras leía este mensaje: se conserva completo y quedó "
+            "en la bandeja para una persona (mailflow inspect muestra lo que contiene)"
+        ),
+    },
 }
 
 CODES = frozenset(_CATALOGUE)
+MESSAGE_CODES = frozenset(
+    {
+        HELD_NO_SENDER,
+        HELD_NOT_LISTED,
+        HELD_AUTHENTICATION,
+        HELD_FORGED_BOUNCE,
+        MESSAGE_TOO_LARGE,
+        PROCESSING_FAILED,
+        STOPPED_TWICE,
+    }
+)
+FILE_CODES = CODES - MESSAGE_CODES
 
 
 def explain(code: str, params: Params, language: str = "en") -> str:

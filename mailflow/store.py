@@ -197,6 +197,8 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE attachment ADD COLUMN reason_code TEXT;
     ALTER TABLE attachment ADD COLUMN reason_params TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE inbound ADD COLUMN reason_code TEXT;
+    ALTER TABLE inbound ADD COLUMN reason_params TEXT NOT NULL DEFAULT '{}';
     """,
 )
 
@@ -285,6 +287,12 @@ class InboundRow:
     reason: str | None
     moved: bool
     duplicate_of: int | None
+    reason_code: str | None = None
+    reason_params: Mapping[str, str] = field(default_factory=dict)
+
+    def reason_in(self, language: str) -> str:
+        """What became of the message and why, in ``language`` when the reason has a code."""
+        return reasons.written(self.reason, self.reason_code, self.reason_params, language)
 
 
 @dataclass(frozen=True)
@@ -806,11 +814,13 @@ class Store:
         reason: str | None,
         raw: bytes | None,
         duplicate_of: int | None = None,
+        reason_code: str | None = None,
+        reason_params: Mapping[str, str] | None = None,
     ) -> int:
         cursor = self._execute(
             "INSERT INTO inbound (folder, uidvalidity, uid, message_id, sha256, size, received_at, from_address, "
-            "subject, kind, campaign, delegation, evidence, trusted, outcome, reason, duplicate_of, raw) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "subject, kind, campaign, delegation, evidence, trusted, outcome, reason, duplicate_of, raw, "
+            "reason_code, reason_params) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 folder,
                 uidvalidity,
@@ -830,6 +840,8 @@ class Store:
                 reason,
                 duplicate_of,
                 raw,
+                reason_code,
+                json.dumps(dict(reason_params or {}), ensure_ascii=False),
             ),
         )
         assert cursor.lastrowid is not None
@@ -1152,7 +1164,7 @@ class Store:
 
 _INBOUND_COLUMNS = (
     "id, folder, uidvalidity, uid, message_id, sha256, size, received_at, from_address, subject, kind, campaign, "
-    "delegation, evidence, trusted, outcome, reason, moved, duplicate_of"
+    "delegation, evidence, trusted, outcome, reason, moved, duplicate_of, reason_code, reason_params"
 )
 
 
@@ -1177,6 +1189,8 @@ def _inbound_row(r: Sequence[Any]) -> InboundRow:
         reason=r[16],
         moved=bool(r[17]),
         duplicate_of=r[18],
+        reason_code=r[19],
+        reason_params=json.loads(r[20]),
     )
 
 

@@ -233,7 +233,7 @@ def test_attention_lists_what_needs_a_person(campaign: Campaign) -> None:
     assert failing["delegation"] == "Belize" and "liaison@immigration.example.bz" in failing["detail"]
     assert held["delegation"] == "Costa Rica" and held["new"]
     assert "asistente@otra.example.cr" in held["detail"] and "Plan <script>" in held["detail"]
-    assert "not a listed contact" in held["detail"]
+    assert "no es un contacto registrado de Costa Rica" in held["detail"]  # in the Secretariat's language
     assert unreadable["delegation"] == "El Salvador"
     assert unreadable["detail"].startswith("Plan estratégico - El Salvador.xlsx: ")
     assert "no es una hoja de cálculo" in unreadable["detail"]  # the reason the delegation was given, in Spanish

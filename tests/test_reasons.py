@@ -29,6 +29,10 @@ SAMPLE_PARAMS = {
     "sheet": "Hoja1",
     "seen": "Nombre, Fecha",
     "error": "ValueError: bad",
+    "sender": "asistente@otra.example.cr",
+    "delegation": "Costa Rica",
+    "checks": "dmarc=fail",
+    "failed": "enlace@sre.example.hn 5.1.1",
 }
 
 
@@ -39,13 +43,19 @@ def _fields(code: str, language: str) -> set[str]:
     return {name for name in SAMPLE_PARAMS if f"<{name}>" in text}
 
 
+def test_every_code_is_a_file_s_or_a_message_s() -> None:
+    assert reasons.FILE_CODES | reasons.MESSAGE_CODES == reasons.CODES
+    assert not reasons.FILE_CODES & reasons.MESSAGE_CODES
+
+
 @pytest.mark.parametrize("code", sorted(reasons.CODES))
-def test_every_reason_is_written_in_both_languages_and_says_what_to_do(code: str) -> None:
+def test_every_reason_is_written_in_both_languages_and_a_file_s_says_what_to_do(code: str) -> None:
     english = reasons.explain(code, SAMPLE_PARAMS, "en")
     spanish = reasons.explain(code, SAMPLE_PARAMS, "es")
     assert english != spanish and english and spanish
-    if code != reasons.IGNORED:  # an ignored attachment (a logo) asks nothing of anyone, and starts with its name
+    if code in reasons.FILE_CODES - {reasons.IGNORED}:  # to a delegation: what to do (a logo asks nothing)
         assert "please" in english and "por favor" in spanish
+    if code != reasons.IGNORED:  # that one starts with the file's name
         assert spanish[0] not in string.ascii_uppercase  # they follow "«file»: " in a list
     # Both languages say the same facts: the same parameters appear in each.
     assert _fields(code, "en") == _fields(code, "es")

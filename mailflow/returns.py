@@ -1484,8 +1484,7 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
     returned_cells = operator.itemgetter(*(returned for _, returned, _ in pairs), key)
     master_cells = operator.itemgetter(*(index for index, _, _ in pairs), layout.key_col - 1)
     columns = len(layout.headers)
-    master = {row.key: row for row in layout.rows}
-    master_get = master.get
+    master_get = layout.by_key.get
     found: dict[str, str] = {}
     seen: set[str] = set()
     added: list[RowChange] = []

@@ -240,10 +240,15 @@ class MasterLayout:
     rows: tuple[PlanRow, ...]
     """Rows with a non-empty key, in sheet order."""
 
-    @property
+    @functools.cached_property
     def keys(self) -> tuple[str, ...]:
-        """The keys of :attr:`rows`, in sheet order."""
+        """The keys of :attr:`rows`, in sheet order (worked out once: a plan may have thousands)."""
         return tuple(row.key for row in self.rows)
+
+    @functools.cached_property
+    def by_key(self) -> dict[str, PlanRow]:
+        """Each row by its key (worked out once; not to be changed)."""
+        return {row.key: row for row in self.rows}
 
 
 CellValue = int | float | str | bool | time | date | datetime | timedelta | None

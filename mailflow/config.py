@@ -736,11 +736,12 @@ def _dependencies(config: Config) -> list[Path]:
     return [*paths, Path(__file__)]
 
 
-MAX_VALUES = 100_000  # values of a configuration once its aliases are expanded (a "billion laughs" has 10^9)
+MAX_ALIASED_VALUES = 100_000  # values aliases may add to a configuration (a "billion laughs" adds 10^9)
 
 
-def _expanded_size(root: yaml.Node, limit: int) -> int:
-    """How many values the YAML node graph ``root`` stands for with every alias expanded, counted up to ``limit``.
+def _aliased_values(root: yaml.Node) -> int:
+    """How many values the aliases of the YAML node graph ``root`` add: all values with every alias expanded,
+    less the values written.
 
     An alias is the node its anchor names, shared: each node's size is counted once and reused, so the count
     costs as many steps as there are distinct nodes, however many times they are repeated."""
@@ -759,11 +760,8 @@ def _expanded_size(root: yaml.Node, limit: int) -> int:
             stack.append((node, True))
             stack.extend((child, False) for child in children if id(child) not in sizes)
             continue
-        total = 1
-        for child in children:
-            total += sizes.get(id(child), 0)
-        sizes[id(node)] = min(total, limit + 1)
-    return sizes[id(root)]
+        sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+    return sizes[id(root)] - len(sizes)
 
 
 def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
@@ -773,11 +771,11 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         loader = SAFE_LOADER(text)
         try:
             root = loader.get_single_node()
-            if root is not None and _expanded_size(root, MAX_VALUES) > MAX_VALUES:
+            if root is not None and _aliased_values(root) > MAX_ALIASED_VALUES:
                 raise ConfigError(
                     [
-                        f"{source}: the anchors and aliases (& and *) expand to more than {MAX_VALUES:,} values; "
-                        "a mailflow configuration has a few hundred: write the repeated parts out, or fewer times"
+                        f"{source}: the anchors and aliases (& and *) add more than {MAX_ALIASED_VALUES:,} values; "
+                        "write the repeated parts out, or repeat them fewer times"
                     ]
                 )
             data = loader.construct_document(root) if root is not None else None

@@ -791,6 +791,7 @@ class Engine:
             date=now,
             headers=mail.headers,
             attachments=mail.attachments,
+            calendar=mail.calendar,
         )
         return Composed(raw, rendered.subject, list(mail.to))
 

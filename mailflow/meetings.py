@@ -843,6 +843,8 @@ class MeetingEmail:
     context: dict[str, Any]
     headers: dict[str, str]
     attachments: tuple[Attachment, ...]
+    calendar: Attachment | None = None
+    """The invitation or cancellation (text/calendar), written as the last alternative of the body."""
 
 
 def meeting_email(config: Config, state: MeetingState, recipient_key: str, slot: str, now: datetime) -> MeetingEmail:
@@ -862,6 +864,7 @@ def meeting_email(config: Config, state: MeetingState, recipient_key: str, slot:
     if recipient.delegation:
         headers["X-Mailflow-Delegation"] = recipient.key
     attachments: tuple[Attachment, ...] = ()
+    calendar: Attachment | None = None
     if info.action != REMINDER:
         method = "CANCEL" if info.action == CANCEL else "REQUEST"
         data = calendar_invitation(
@@ -873,15 +876,16 @@ def meeting_email(config: Config, state: MeetingState, recipient_key: str, slot:
             method=method,
             description=calendar_description(context),
         )
-        attachments = (
-            Attachment(
-                context["meeting"]["calendar_file"],
-                data,
-                "text/calendar",
-                parameters=(("method", method), ("charset", "utf-8")),
-            ),
+        # As calendar programs send it: the invitation is the last alternative of the body, which Outlook,
+        # Gmail and Thunderbird show with Accept / Decline, and the same file is attached for the others.
+        calendar = Attachment(
+            context["meeting"]["calendar_file"],
+            data,
+            "text/calendar",
+            parameters=(("method", method), ("charset", "utf-8")),
         )
-    return MeetingEmail(recipient.language, recipient.addresses, context, headers, attachments)
+        attachments = (Attachment(context["meeting"]["calendar_file"], data, "application/ics"),)
+    return MeetingEmail(recipient.language, recipient.addresses, context, headers, attachments, calendar)
 
 
 # --------------------------------------------------------------------------

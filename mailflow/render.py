@@ -1293,11 +1293,7 @@ def _attachment_part(attachment: Attachment) -> bytes:
     ):
         raise TemplateError(f"attachment {attachment.filename!r}: {attachment.mime_type!r} is not a MIME type")
     name, filename = _filename_parameters(attachment.filename)
-    extra = ""
-    for key, value in attachment.parameters:
-        if not _MIME_TOKEN_RE.fullmatch(key) or not _MIME_TOKEN_RE.fullmatch(value):
-            raise TemplateError(f"attachment {attachment.filename!r}: {key}={value!r} is not a Content-Type parameter")
-        extra += f" {key}={value};"
+    extra = _type_parameters(attachment)
     head = (
         f"Content-Type: {attachment.mime_type};{extra}{_CRLF} {name}{_CRLF}"
         f"Content-Transfer-Encoding: base64{_CRLF}"
@@ -1307,6 +1303,25 @@ def _attachment_part(attachment: Attachment) -> bytes:
         if len(line) > _LINE_LIMIT:
             raise TemplateError(f"attachment {attachment.filename!r}: the file name is too long for a header line")
     return head.encode("ascii") + _base64(attachment.content)
+
+
+def _type_parameters(attachment: Attachment) -> str:
+    """``attachment.parameters`` as Content-Type parameters (`` method=REQUEST; charset=utf-8;``), checked."""
+    extra = ""
+    for key, value in attachment.parameters:
+        if not _MIME_TOKEN_RE.fullmatch(key) or not _MIME_TOKEN_RE.fullmatch(value):
+            raise TemplateError(f"attachment {attachment.filename!r}: {key}={value!r} is not a Content-Type parameter")
+        extra += f" {key}={value};"
+    return extra
+
+
+def _calendar_part(calendar: Attachment) -> bytes:
+    """A calendar object as the last part of ``multipart/alternative``: inline, no file name (RFC 6047)."""
+    if calendar.mime_type != "text/calendar":
+        raise TemplateError(f"calendar {calendar.filename!r}: {calendar.mime_type!r} is not text/calendar")
+    extra = _type_parameters(calendar).rstrip(";")
+    head = f"Content-Type: text/calendar;{extra}{_CRLF}Content-Transfer-Encoding: base64{_CRLF}{_CRLF}"
+    return head.encode("ascii") + _base64(calendar.content)
 
 
 def _boundaries(message_id: str) -> tuple[str, str]:
@@ -1336,11 +1351,13 @@ def build_message_bytes(
     date: datetime,
     headers: Mapping[str, str],
     attachments: Sequence[Attachment] = (),
+    calendar: Attachment | None = None,
 ) -> bytes:
     """Assemble one email as the bytes to send over SMTP: 7-bit, CRLF line endings.
 
-    The body is ``multipart/alternative`` (text, then HTML, both UTF-8 quoted-printable);
-    with attachments (base64) it is wrapped in ``multipart/mixed``. Non-ASCII in the
+    The body is ``multipart/alternative`` (text, then HTML, both UTF-8 quoted-printable,
+    then ``calendar``, a text/calendar object, when given); with attachments (base64) it is
+    wrapped in ``multipart/mixed``. Non-ASCII in the
     display name, the subject and other text headers is RFC 2047 encoded; header lines are
     folded to 78 characters where their words allow, and never exceed 998. ``headers`` are
     added last and may replace a default (``Auto-Submitted``: a receipt is
@@ -1373,12 +1390,16 @@ def build_message_bytes(
     except UnicodeEncodeError:
         raise TemplateError("the message body is not valid Unicode (a lone surrogate)") from None
     mixed, alternative = _boundaries(message_id)
+    calendar_part = (
+        (f"{_CRLF}--{alternative}{_CRLF}".encode("ascii"), _calendar_part(calendar)) if calendar is not None else ()
+    )
     alternative_body = b"".join(
         (
             f"--{alternative}{_CRLF}{_TEXT_PART_HEADERS.format(subtype='plain')}{_CRLF}".encode("ascii"),
             text,
             f"{_CRLF}--{alternative}{_CRLF}{_TEXT_PART_HEADERS.format(subtype='html')}{_CRLF}".encode("ascii"),
             html,
+            *calendar_part,
             f"{_CRLF}--{alternative}--{_CRLF}".encode("ascii"),
         )
     )
@@ -1414,6 +1435,7 @@ def build_message(
     date: datetime,
     headers: Mapping[str, str],
     attachments: Sequence[Attachment] = (),
+    calendar: Attachment | None = None,
 ) -> EmailMessage:
     """The email of :func:`build_message_bytes` as an :class:`~email.message.EmailMessage` (SMTP policy).
 
@@ -1430,6 +1452,7 @@ def build_message(
         date=date,
         headers=headers,
         attachments=attachments,
+        calendar=calendar,
     )
     message = BytesParser(policy=_PARSE_POLICY).parsebytes(raw)
     if not isinstance(message, EmailMessage):  # pragma: no cover - an EmailPolicy always makes one

@@ -165,16 +165,30 @@ def html_of(message: EmailMessage) -> str:
 
 
 def calendar_of(message: EmailMessage) -> tuple[Calendar, Any, EmailMessage]:
-    """The text/calendar part parsed with icalendar: the calendar, its one event, and the part."""
+    """The text/calendar part parsed with icalendar: the calendar, its one event, and the part.
+
+    The part is the last alternative of the body, inline (what Outlook, Gmail and Thunderbird answer with
+    Accept / Decline); the same calendar is attached as an .ics file for the other programs."""
     parts = [p for p in message.walk() if p.get_content_type() == "text/calendar"]
     assert len(parts) == 1, [p.get_content_type() for p in message.walk()]
     part = parts[0]
     assert isinstance(part, EmailMessage)
+    [body] = [p for p in message.walk() if p.get_content_type() == "multipart/alternative"]
+    assert [p.get_content_type() for p in body.iter_parts()] == ["text/plain", "text/html", "text/calendar"]
+    assert part.get_content_disposition() is None and part.get_filename() is None
     payload = part.get_payload(decode=True)
     assert isinstance(payload, bytes)
+    [attached] = [p for p in message.walk() if p.get_content_type() == "application/ics"]
+    assert attached.get_content_disposition() == "attachment" and attached.get_payload(decode=True) == payload
     calendar = Calendar.from_ical(payload)
     [event] = calendar.walk("VEVENT")
     return calendar, event, part
+
+
+def ics_name(message: EmailMessage) -> str | None:
+    """The file name of the attached copy of the calendar."""
+    [attached] = [p for p in message.walk() if p.get_content_type() == "application/ics"]
+    return attached.get_filename()
 
 
 def attendees(event: Any) -> list[str]:
@@ -243,7 +257,7 @@ def test_the_invitation_parses_and_its_instant_is_14_30_utc(rig: Rig) -> None:
     for key, message in sent.items():
         calendar, event, part = calendar_of(message)
         assert part.get_param("method") == "REQUEST" and part.get_param("charset") == "utf-8"
-        assert part.get_filename() in ("invitacion.ics", "invitation.ics")
+        assert ics_name(message) in ("invitacion.ics", "invitation.ics")
         assert str(calendar["method"]) == "REQUEST"
         assert event.decoded("dtstart") == START_UTC
         assert event.decoded("dtend") == START_UTC + timedelta(minutes=90)
@@ -389,7 +403,7 @@ def test_cancelled_true_sends_a_cancellation_to_everyone_invited(rig: Rig) -> No
         assert str(event["status"]) == "CANCELLED"
         assert str(event["uid"]) == f"{ID}@example.org"
         assert int(event["sequence"]) == 2
-        assert part.get_filename() in ("cancelacion.ics", "cancellation.ics")
+        assert ics_name(message) in ("cancelacion.ics", "cancellation.ics")
     assert "ha sido cancelada" in text_of(sent["HN"]) and "9:00–10:30 (hora de Honduras)" in text_of(sent["HN"])
     assert "has been cancelled" in text_of(sent["US"]) and "10:00–11:30 (United States time)" in text_of(sent["US"])
     assert str(sent["US"]["Subject"]).startswith("Cancelled:")
@@ -507,7 +521,7 @@ def test_reminders_at_minus_1d_and_minus_1h_each_once(rig: Rig) -> None:
             message = item.message
             assert message["X-Mailflow-Kind"] == "meeting"
             assert str(message["Subject"]).startswith(("Recordatorio:", "Reminder:"))
-            assert not [p for p in message.walk() if p.get_content_type() == "text/calendar"]
+            assert not [p for p in message.walk() if p.get_content_type() in ("text/calendar", "application/ics")]
             key = str(message["X-Mailflow-Delegation"] or f"extra:{item.rcpt_tos[0]}")
             reminders[key, now] += 1
         now += timedelta(minutes=30)
@@ -617,7 +631,7 @@ def test_preview_shows_a_delegations_notice_without_sending(rig: Rig, capsys: py
     assert code == 0
     assert "X-Mailflow-Kind: meeting" in out and "X-Mailflow-Meeting: network-2017-11-15" in out
     assert "miércoles 15 de noviembre de 2017 a las 10:30 (hora de República Dominicana)" in out
-    assert "[attachment: invitacion.ics (text/calendar" in out
+    assert "[attachment: invitacion.ics (application/ics" in out
     code = main(["--config", path, "preview", "meeting", "--delegation", OBSERVER, "--meeting", ID])
     assert code == 0 and "Estimados/as colegas" in capsys.readouterr().out
     assert main(["--config", path, "preview", "meeting", "--delegation", "XX"]) == 2

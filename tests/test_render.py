@@ -521,6 +521,23 @@ def test_build_message_without_attachments_is_alternative() -> None:
     assert parsed.get_content_type() == "multipart/alternative"
 
 
+def test_a_calendar_is_the_last_alternative_of_the_body_inline() -> None:
+    ics = b"BEGIN:VCALENDAR\r\nMETHOD:REQUEST\r\nX-NAME:Sesi\xc3\xb3n\r\nEND:VCALENDAR\r\n"
+    calendar = Attachment("invitacion.ics", ics, "text/calendar", (("method", "REQUEST"), ("charset", "utf-8")))
+    parsed = email.message_from_bytes(
+        _message(attachments=(), calendar=calendar).as_bytes(), policy=email.policy.default
+    )
+    assert parsed.get_content_type() == "multipart/alternative"
+    text, html, part = parsed.iter_parts()
+    assert (text.get_content_type(), html.get_content_type()) == ("text/plain", "text/html")
+    assert part.get_content_type() == "text/calendar"
+    assert part.get_param("method") == "REQUEST" and part.get_param("charset") == "utf-8"
+    assert part.get_content_disposition() is None and part.get_filename() is None
+    assert part.get_payload(decode=True) == ics
+    with pytest.raises(TemplateError, match="is not text/calendar"):
+        _message(calendar=Attachment("x.ics", ics, "application/ics"))
+
+
 def test_headers_may_replace_a_default() -> None:
     message = _message(headers={"Auto-Submitted": "auto-replied", "In-Reply-To": "<abc@example.hn>"})
     assert message.get_all("Auto-Submitted") == ["auto-replied"]

@@ -505,15 +505,7 @@ class Engine:
             log.error("%s", reason)
             with self.store.transaction():
                 self.store.mark_retry(row.id, reason, now + self._backoff(row.attempts + 1))
-                self.store.record_event(
-                    now,
-                    "compose_failed",
-                    reason,
-                    campaign=row.campaign,
-                    delegation=row.delegation,
-                    detail={"kind": row.kind, "slot": row.slot},
-                    outbox_id=row.id,
-                )
+                self._row_event(row, now, "compose_failed", reason)
             report.compose_errors.append(row.id)
             return None
 
@@ -529,6 +521,18 @@ class Engine:
             return
         self._sent(flight.row, flight.recipients, refused, report)
 
+    def _row_event(self, row: OutboxRow, now: datetime, kind: str, reason: str, **detail: Any) -> None:
+        """An audit event about one outbox row: its campaign, delegation, kind and slot, and ``detail``."""
+        self.store.record_event(
+            now,
+            kind,
+            reason,
+            campaign=row.campaign,
+            delegation=row.delegation,
+            detail={"kind": row.kind, "slot": row.slot, **detail},
+            outbox_id=row.id,
+        )
+
     def _no_longer_needed(self, row: OutboxRow) -> bool:
         if row.kind not in (schedule.REMINDER, schedule.OVERDUE):
             return False
@@ -538,15 +542,7 @@ class Engine:
         now = self.clock.now()
         with self.store.transaction():
             self.store.mark_skipped(row.id, "the delegation completed its return before this was sent")
-            self.store.record_event(
-                now,
-                "email_skipped",
-                "delegation complete before sending",
-                campaign=row.campaign,
-                delegation=row.delegation,
-                detail={"kind": row.kind, "slot": row.slot},
-                outbox_id=row.id,
-            )
+            self._row_event(row, now, "email_skipped", "delegation complete before sending")
         return True
 
     def _sent(
@@ -557,14 +553,13 @@ class Engine:
         with self.store.transaction():
             self.store.mark_sent(row.id, now, refused_text)
             delivered = [a for a in recipients if a not in refused]
-            self.store.record_event(
+            self._row_event(
+                row,
                 now,
                 "email_sent",
                 f"{row.kind} sent to {', '.join(delivered)}",
-                campaign=row.campaign,
-                delegation=row.delegation,
-                detail={"kind": row.kind, "slot": row.slot, "message_id": row.message_id, "subject": row.subject},
-                outbox_id=row.id,
+                message_id=row.message_id,
+                subject=row.subject,
             )
             for address, (code, text) in refused.items():
                 if code >= 500:
@@ -630,15 +625,7 @@ class Engine:
         next_at = now + self._backoff(row.attempts + 1)
         with self.store.transaction():
             self.store.mark_retry(row.id, error, next_at)
-            self.store.record_event(
-                now,
-                "send_retry",
-                error,
-                campaign=row.campaign,
-                delegation=row.delegation,
-                detail={"kind": row.kind, "slot": row.slot, "next_attempt_at": next_at.isoformat()},
-                outbox_id=row.id,
-            )
+            self._row_event(row, now, "send_retry", error, next_attempt_at=next_at.isoformat())
         report.retried.append(row.id)
         log.warning("%s to %s not sent, retry at %s: %s", row.kind, row.delegation, next_at.isoformat(), error)
 
@@ -647,15 +634,7 @@ class Engine:
         now = self.clock.now()
         with self.store.transaction():
             self.store.mark_failed(row.id, error, {a: f"{code} {text}" for a, (code, text) in refused.items()})
-            self.store.record_event(
-                now,
-                "send_failed",
-                error,
-                campaign=row.campaign,
-                delegation=row.delegation,
-                detail={"kind": row.kind, "slot": row.slot},
-                outbox_id=row.id,
-            )
+            self._row_event(row, now, "send_failed", error)
             for address, (code, text) in refused.items():
                 self._refuse(row, address, code, text, now)
         report.failed.append(row.id)

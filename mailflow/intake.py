@@ -226,19 +226,8 @@ class Intake:
         if message.kind == inbound.KIND_BOUNCE:
             failed = ", ".join(f"{f.recipient} {f.status}" for f in message.failures) or "no recipient named"
             # Anyone can write a delivery report: only one that returns an email we sent marks a contact.
-            if evidence.startswith("in reply to"):
-                return Analysis(
-                    digest,
-                    message,
-                    inbound.KIND_BOUNCE,
-                    campaign,
-                    delegation,
-                    evidence,
-                    trusted,
-                    BOUNCE,
-                    f"delivery failure: {failed}",
-                )
-            forged = {"failed": failed}
+            verified = evidence.startswith("in reply to")
+            code, params = (None, {}) if verified else (reasons.HELD_FORGED_BOUNCE, {"failed": failed})
             return Analysis(
                 digest,
                 message,
@@ -247,10 +236,10 @@ class Intake:
                 delegation,
                 evidence,
                 trusted,
-                HELD,
-                reasons.explain(reasons.HELD_FORGED_BOUNCE, forged),
-                reason_code=reasons.HELD_FORGED_BOUNCE,
-                reason_params=forged,
+                BOUNCE if verified else HELD,
+                f"delivery failure: {failed}" if code is None else reasons.explain(code, params),
+                reason_code=code,
+                reason_params=params,
             )
         if message.kind == inbound.KIND_AUTO_REPLY:
             return Analysis(

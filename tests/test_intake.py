@@ -41,8 +41,8 @@ def local(tmp_path: Path) -> Any:
     store.close()
 
 
-def test_one_bad_message_never_stops_the_others(local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine, clock, requests, inbox = local
+def _three_replies(requests: dict[str, Any], inbox: mailbox.Maildir) -> None:
+    """Replies from Honduras, Costa Rica and El Salvador, added in that order (so read in that order)."""
     for delegation, sender in (
         ("HN", "enlace@sre.example.hn"),
         ("CR", "enlace@pani.example.cr"),
@@ -56,6 +56,11 @@ def test_one_bad_message_never_stops_the_others(local: Any, monkeypatch: pytest.
                 attachments=[(name, fill_workbook(data, {"1.1": f"Institución de {delegation}"}))],
             )
         )
+
+
+def test_one_bad_message_never_stops_the_others(local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, clock, requests, inbox = local
+    _three_replies(requests, inbox)
     real = intake.read_return
 
     def explode_for_costa_rica(data: bytes, filename: str, *args: Any, **kwargs: Any) -> Any:
@@ -163,23 +168,6 @@ def test_answers_to_a_meeting_notice_or_a_calendar_reply_are_not_returns(local: 
     assert report.sent == []  # no "no workbook attached" answer to a meeting reply
     reasons = [row.evidence for row in engine.store.inbound_rows(outcome="unrelated")]
     assert any("belongs to no campaign" in r for r in reasons) and any("calendar answer" in r for r in reasons)
-
-
-def _three_replies(requests: dict[str, Any], inbox: mailbox.Maildir) -> None:
-    """Replies from Honduras, Costa Rica and El Salvador, added in that order (so read in that order)."""
-    for delegation, sender in (
-        ("HN", "enlace@sre.example.hn"),
-        ("CR", "enlace@pani.example.cr"),
-        ("SV", "enlace@rree.example.sv"),
-    ):
-        name, data = workbook_of(requests[delegation])
-        inbox.add(
-            reply_to(
-                requests[delegation],
-                sender=sender,
-                attachments=[(name, fill_workbook(data, {"1.1": f"Institución de {delegation}"}))],
-            )
-        )
 
 
 def test_a_message_failing_half_way_through_its_record_leaves_nothing_of_it_but_the_failure(

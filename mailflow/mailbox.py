@@ -366,10 +366,17 @@ class ImapSession:
         try:
             self._transfer(wanted, name)
         except IMAPClientError as exc:
-            if isinstance(exc, IMAPClientAbortError) or "TRYCREATE" not in str(exc).upper():
+            problem = str(exc).upper()
+            if isinstance(exc, IMAPClientAbortError) or not ("TRYCREATE" in problem or "EXPUNGEISSUED" in problem):
                 raise MailboxError(f"{self._where} failed moving messages to {name}: {_reason(exc)}") from exc
-            # Deleted by someone between our LIST and the MOVE: create it again.
-            self._ensure_folder(name)
+            if "EXPUNGEISSUED" in problem:
+                # A person expunged one of them from another session meanwhile, and the server refused the whole
+                # MOVE (RFC 5530): a NOOP brings this session up to date, and a UID no longer there is ignored.
+                with self._command("catching up with the folder"):
+                    self._client.noop()
+            else:
+                # Deleted by someone between our LIST and the MOVE: create it again.
+                self._ensure_folder(name)
             with self._command(f"moving messages to {name}"):
                 self._transfer(wanted, name)
         except OSError as exc:

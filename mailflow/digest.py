@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 
 from mailflow.config import Config
 from mailflow.errors import TemplateError
-from mailflow.render import format_date, format_datetime
+from mailflow.render import format_date, format_datetime, zone_label
 from mailflow.store import AnswerRow, DelegationState, InboundRow, Refusal, RowChangeRow, Store
 
 if TYPE_CHECKING:  # the engine imports this module to send digests: no import of it at run time
@@ -278,6 +278,7 @@ def digest_context(
         "secretariat": {"name": secretariat.name, "address": secretariat.address},
         "language": language,
         "timezone": tz.key,
+        "timezone_label": zone_label(tz, language),
         "generated_at_text": format_datetime(now, tz, language),
         "generated_on_text": format_date(now.astimezone(tz).date(), language),
         "since_text": format_datetime(since, tz, language) if since is not None else None,

@@ -41,6 +41,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 from babel.dates import format_date as babel_format_date
+from babel.dates import get_timezone_location
 
 from mailflow.errors import TemplateError
 
@@ -146,6 +147,12 @@ def timezone_label(delegation_name: str, language: str) -> str:
     if language == "en":
         return f"{delegation_name} time"
     raise TemplateError(f"unsupported language {language!r} (expected one of {', '.join(LANGUAGES)})")
+
+
+def zone_label(tz: ZoneInfo, language: str) -> str:
+    """Name a time zone the way its readers say it, from the CLDR: ``hora de Costa Rica`` / ``Costa Rica Time``."""
+    _date_pattern(language)  # refuses a language mailflow does not write
+    return str(get_timezone_location(tz, locale=language))
 
 
 def _zone(tz: ZoneInfo | str) -> ZoneInfo:
@@ -681,6 +688,7 @@ def _example_digest(language: str) -> dict[str, Any]:
         "secretariat": {"name": "Technical Secretariat of the RCM", "address": "ts@example.org"},
         "language": language,
         "timezone": tz.key,
+        "timezone_label": zone_label(tz, language),
         "generated_at_text": format_datetime(now, tz, language),
         "generated_on_text": format_date(now.astimezone(tz).date(), language),
         "since_text": format_datetime(now - timedelta(days=1), tz, language),

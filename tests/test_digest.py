@@ -437,6 +437,14 @@ def test_the_text_part_shows_changes_and_attention(campaign: Campaign) -> None:
     assert "1.3: “Ministerio D” (new)" in text
     assert "Reply held: sender not verified — Costa Rica" in text and "[still pending]" in text
     assert "Guatemala: partial [" in text and "3/40" in text
+    assert "(Costa Rica Time)." in text  # the Secretariat's zone named for people, not as America/Costa_Rica
+
+
+def test_the_spanish_digest_names_the_secretariat_s_time_in_spanish(campaign: Campaign) -> None:
+    context = campaign.context(CORRECTION + timedelta(minutes=10), FIRST_REPLIES + timedelta(minutes=30), "es")
+    rendered = Renderer().render("digest", "es", context)
+    assert "(hora de Costa Rica)." in rendered.text and "(hora de Costa Rica)" in rendered.html
+    assert "America/Costa_Rica" not in rendered.text
 
 
 # --------------------------------------------------------------------------

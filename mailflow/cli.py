@@ -27,7 +27,6 @@ from mailflow.lock import InstanceLock
 from mailflow.mailbox import ImapMailbox, Mailbox, MaildirMailbox
 from mailflow.report import format_inspection, format_meetings_table, format_status_table
 from mailflow.sender import LocalTransport, SmtpTransport, Transport
-from mailflow.service import run_service
 from mailflow.store import Store
 
 DEFAULT_CONFIG = "mailflow.yaml"
@@ -152,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         return _inspect(config, Path(args.file), as_json=args.json, campaign=args.campaign)
     if args.command == "run":
+        from mailflow.service import run_service  # the scheduler and its threads: only `run` needs them
+
         return run_service(config, transport=make_transport(config), mailbox=make_mailbox(config))
     now_arg = parse_now(getattr(args, "now", None), config)
     clock = FixedClock(now_arg) if now_arg else SystemClock()

@@ -40,7 +40,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from babel.dates import get_timezone_location
-from icalendar import Calendar, Event, vCalAddress, vText
 
 from mailflow.config import Config, Meeting, Secretariat, zone
 from mailflow.errors import MailflowError
@@ -802,6 +801,9 @@ def calendar_invitation(
     the cancellation replace the same calendar entry; SEQUENCE is the version; the
     organiser is the secretariat, the attendees the recipient's addresses (RSVP).
     """
+    # Imported here: only an invitation needs it, and it is a good part of every command's start-up.
+    from icalendar import Calendar, Event, vCalAddress, vText
+
     calendar = Calendar()
     calendar.add("prodid", PRODID)
     calendar.add("version", "2.0")

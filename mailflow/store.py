@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mailflow import reasons
 from mailflow.errors import StoreError
@@ -315,6 +315,14 @@ class AttachmentRow:
     def reason_in(self, language: str) -> str:
         """Why the file could not be read, written in ``language`` when the reason has a code."""
         return reasons.written(self.reason, self.reason_code, self.reason_params, language)
+
+
+class KnownUid(NamedTuple):
+    """A message of a watched folder already accounted for: its row, what became of it, whether it was moved."""
+
+    id: int
+    outcome: str
+    moved: bool
 
 
 @dataclass(frozen=True)
@@ -777,12 +785,12 @@ class Store:
         row = self._execute("SELECT MAX(last_read_at) FROM mailbox_state").fetchone()
         return from_text(row[0]) if row else None
 
-    def known_uids(self, folder: str, uidvalidity: int) -> dict[int, InboundRow]:
-        """Messages of a folder already accounted for, by UID."""
+    def known_uids(self, folder: str, uidvalidity: int) -> dict[int, KnownUid]:
+        """Messages of a folder already accounted for, by UID (read at every pass: only what a pass needs)."""
         rows = self._execute(
-            f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE folder = ? AND uidvalidity = ?", (folder, uidvalidity)
+            "SELECT uid, id, outcome, moved FROM inbound WHERE folder = ? AND uidvalidity = ?", (folder, uidvalidity)
         )
-        return {r[3]: _inbound_row(r) for r in rows}
+        return {uid: KnownUid(inbound_id, outcome, bool(moved)) for uid, inbound_id, outcome, moved in rows}
 
     def find_inbound(self, message_id: str | None, sha256: str) -> InboundRow | None:
         """A message recorded before under another UID (after a UIDVALIDITY change): same Message-ID and bytes."""
@@ -1190,7 +1198,7 @@ def _inbound_row(r: Sequence[Any]) -> InboundRow:
         moved=bool(r[17]),
         duplicate_of=r[18],
         reason_code=r[19],
-        reason_params=json.loads(r[20]),
+        reason_params=json.loads(r[20]) if r[20] != "{}" else {},
     )
 
 

@@ -11,11 +11,11 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from mailflow.clock import FixedClock
-from mailflow.config import Config
+from mailflow.config import Config, load_config
 from mailflow.engine import Engine
 from mailflow.sender import SmtpTransport
 from mailflow.store import OutboxStatus, Store
-from tests.helpers import smtp_config
+from tests.helpers import example_data, smtp_config, write_config
 from tests.servers import SmtpServer
 
 pytestmark = pytest.mark.servers
@@ -221,3 +221,42 @@ def _with_smtp_login(tmp_path: Path, config: Config, username: str, password: st
     data["mail"]["smtp"].update(username=username, password=password)
     config.path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return load_config(config.path)
+
+
+def test_each_email_composed_while_the_server_takes_in_the_last_keeps_every_outcome_apart(
+    tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """An email is composed while the server still reads the previous one, whose answer is read afterwards.
+
+    A template error for Guatemala and a refusal at the end of DATA for the first email sent stay with those
+    two; every other email arrives once, byte for byte what the store kept before handing it over."""
+    overrides = tmp_path / "overrides" / "es"
+    overrides.mkdir(parents=True)
+    builtin = Path(__file__).resolve().parent.parent / "templates" / "email" / "es" / "request.txt.j2"
+    (overrides / "request.txt.j2").write_text(
+        '{% if delegation.id == "GT" %}{{ no_such_variable }}{% endif %}' + builtin.read_text(encoding="utf-8"),
+        encoding="utf-8",
+    )
+    data = example_data()
+    data["mail"] = {
+        "transport": "smtp",
+        "smtp": {"host": smtp_server.host, "port": smtp_server.port, "security": "none", "timeout": 5},
+    }
+    data["store"] = str(tmp_path / "mailflow.db")
+    data["templates"] = str(tmp_path / "overrides")
+    config = load_config(write_config(tmp_path, data))
+    smtp_server.fail_next(554, "5.6.0 message refused", stage="data")
+    with Store.open(config.store) as store:
+        report = engine_for(config, store, FixedClock(OPENS)).tick()
+        assert (len(report.sent), len(report.failed), len(report.compose_errors)) == (9, 1, 1)
+        rows = {row.id: row for row in store.outbox(campaign="responsible-2017")}
+        [refused] = [rows[i] for i in report.failed]
+        assert refused.status is OutboxStatus.FAILED and "554" in (refused.last_error or "")
+        assert rows[report.compose_errors[0]].delegation == "GT" and not rows[report.compose_errors[0]].has_body
+        stored = {rows[i].message_id: store.body(i) for i in report.sent}
+    received = smtp_server.wait_for(9)
+    assert len(received) == 9
+    for message in received:
+        message_id = str(message.message["Message-ID"]).strip()
+        assert message.data.rstrip(b"\r\n") == stored.pop(message_id).rstrip(b"\r\n")
+    assert stored == {}

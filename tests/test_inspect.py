@@ -66,6 +66,8 @@ def test_inspect_an_email(
     assert result["outcome"] == outcome
     if outcome != "applied":
         assert result["follow_up"] is None  # nothing is ever sent to an auto-reply, a bounce or a stranger
+    if outcome == "held":  # why, as a code a program can act on, beside the sentence for people
+        assert result["reason_code"] in ("held_forged_bounce", "held_authentication"), result["reason_code"]
     assert not (config_path.parent / "store.db").exists()  # nothing was written
 
 

@@ -40,6 +40,21 @@ def smtp_config(tmp_path: Path, host: str, port: int, **mail: Any) -> Config:
     return load_config(write_config(tmp_path, data))
 
 
+def request_template_broken_for(tmp_path: Path, delegation_id: str) -> Path:
+    """A folder of template overrides whose Spanish request fails to render for one delegation only.
+
+    The other delegations render as with the built-in template, so check-config's sample rendering passes."""
+    overrides = tmp_path / "overrides"
+    (overrides / "es").mkdir(parents=True)
+    builtin = ROOT / "templates" / "email" / "es" / "request.txt.j2"
+    (overrides / "es" / "request.txt.j2").write_text(
+        f'{{% if delegation.id == "{delegation_id}" %}}{{{{ no_such_variable }}}}{{% endif %}}'
+        + builtin.read_text(encoding="utf-8"),
+        encoding="utf-8",
+    )
+    return overrides
+
+
 def fill_workbook(data: bytes, answers: dict[str, str], *, column: str = "Responsible") -> bytes:
     """What a delegation does: open the copy it received, write answers in the fill column, save."""
     import io

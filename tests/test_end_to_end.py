@@ -15,7 +15,7 @@ from mailflow.config import Config, load_config
 from mailflow.engine import Engine
 from mailflow.sender import SmtpTransport
 from mailflow.store import OutboxStatus, Store
-from tests.helpers import example_data, smtp_config, write_config
+from tests.helpers import example_data, request_template_broken_for, smtp_config, write_config
 from tests.servers import SmtpServer
 
 pytestmark = pytest.mark.servers
@@ -230,20 +230,13 @@ def test_each_email_composed_while_the_server_takes_in_the_last_keeps_every_outc
 
     A template error for Guatemala and a refusal at the end of DATA for the first email sent stay with those
     two; every other email arrives once, byte for byte what the store kept before handing it over."""
-    overrides = tmp_path / "overrides" / "es"
-    overrides.mkdir(parents=True)
-    builtin = Path(__file__).resolve().parent.parent / "templates" / "email" / "es" / "request.txt.j2"
-    (overrides / "request.txt.j2").write_text(
-        '{% if delegation.id == "GT" %}{{ no_such_variable }}{% endif %}' + builtin.read_text(encoding="utf-8"),
-        encoding="utf-8",
-    )
     data = example_data()
     data["mail"] = {
         "transport": "smtp",
         "smtp": {"host": smtp_server.host, "port": smtp_server.port, "security": "none", "timeout": 5},
     }
     data["store"] = str(tmp_path / "mailflow.db")
-    data["templates"] = str(tmp_path / "overrides")
+    data["templates"] = str(request_template_broken_for(tmp_path, "GT"))
     config = load_config(write_config(tmp_path, data))
     smtp_server.fail_next(554, "5.6.0 message refused", stage="data")
     with Store.open(config.store) as store:

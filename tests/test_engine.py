@@ -12,7 +12,7 @@ from mailflow.config import Config, load_config
 from mailflow.engine import Engine
 from mailflow.sender import LocalTransport
 from mailflow.store import DelegationState, OutboxStatus, Store
-from tests.helpers import example_data, write_config
+from tests.helpers import example_data, request_template_broken_for, write_config
 
 OPENS = datetime(2017, 10, 18, 16, 0, tzinfo=UTC)
 
@@ -30,18 +30,11 @@ def outbox_kinds(tmp_path: Path) -> list[tuple[str, str]]:
 
 
 def test_a_template_error_is_recorded_and_the_others_still_go_out(tmp_path: Path) -> None:
-    overrides = tmp_path / "overrides" / "es"
-    overrides.mkdir(parents=True)
-    builtin = Path(__file__).resolve().parent.parent / "templates" / "email" / "es" / "request.txt.j2"
-    # Breaks for Guatemala only, so check-config's sample rendering does not see it.
-    (overrides / "request.txt.j2").write_text(
-        '{% if delegation.id == "GT" %}{{ no_such_variable }}{% endif %}' + builtin.read_text(encoding="utf-8"),
-        encoding="utf-8",
-    )
+    overrides = request_template_broken_for(tmp_path, "GT")
     data = example_data()
     data["store"] = str(tmp_path / "store.db")
     data["mail"] = {"transport": "local", "local": {"outbox": str(tmp_path / "outbox")}}
-    data["templates"] = str(tmp_path / "overrides")
+    data["templates"] = str(overrides)
     config = load_config(write_config(tmp_path, data))
     clock = FixedClock(OPENS)
     with Store.open(config.store) as store:
@@ -54,7 +47,7 @@ def test_a_template_error_is_recorded_and_the_others_still_go_out(tmp_path: Path
         events = [e for e in store.events("responsible-2017", "GT") if e.kind == "compose_failed"]
         assert len(events) == 1 and "request.txt.j2" in events[0].reason
         # Fixing the template lets the next attempt (after the backoff) through.
-        (overrides / "request.txt.j2").unlink()
+        (overrides / "es" / "request.txt.j2").unlink()
         engine.renderer = type(engine.renderer)(config.templates)
         clock.set(OPENS + timedelta(minutes=6))
         assert len(engine.tick().sent) == 1

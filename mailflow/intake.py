@@ -225,11 +225,14 @@ class Intake:
                 "not about any campaign: left in the inbox for a person",
             )
         trusted = self._trusted(message, delegation)
+        code: str | None = None  # why the message is held, if it is (a mailflow.reasons code)
+        params: dict[str, str] = {}
         if message.kind == inbound.KIND_BOUNCE:
             failed = ", ".join(f"{f.recipient} {f.status}" for f in message.failures) or "no recipient named"
             # Anyone can write a delivery report: only one that returns an email we sent marks a contact.
             verified = evidence.startswith("in reply to")
-            code, params = (None, {}) if verified else (reasons.HELD_FORGED_BOUNCE, {"failed": failed})
+            if not verified:
+                code, params = reasons.HELD_FORGED_BOUNCE, {"failed": failed}
             return Analysis(
                 digest,
                 message,
@@ -264,25 +267,12 @@ class Intake:
         # Answers in the body count only when no workbook could be read.
         body = {} if parsed else inbound.body_answers(message.body_text, layout.keys)
         answers.update(body)
+        follow_up: str | None = None
+        follow_reason: str | None = None
         if not trusted and not self.config.inbound.accept_untrusted:
             code, params = self._distrust_reason(message, delegation)
-            return Analysis(
-                digest,
-                message,
-                inbound.KIND_REPLY,
-                campaign,
-                delegation,
-                evidence,
-                trusted,
-                HELD,
-                reasons.explain(code, params),
-                results,
-                body,
-                answers,
-                reason_code=code,
-                reason_params=params,
-            )
-        follow_up, follow_reason = self._follow_up(campaign, delegation, results, answers, layout)
+        else:
+            follow_up, follow_reason = self._follow_up(campaign, delegation, results, answers, layout)
         return Analysis(
             digest,
             message,
@@ -291,13 +281,15 @@ class Intake:
             delegation,
             evidence,
             trusted,
-            APPLIED,
-            None,
+            APPLIED if code is None else HELD,
+            None if code is None else reasons.explain(code, params),
             results,
             body,
             answers,
             follow_up,
             follow_reason,
+            reason_code=code,
+            reason_params=params,
         )
 
     def analyse_workbook(self, data: bytes, filename: str, campaign_hint: str | None = None) -> dict[str, Any]:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mailflow.clock import FixedClock
 from mailflow.config import Config, load_config
+from mailflow.engine import Engine
+from mailflow.mailbox import MaildirMailbox
+from mailflow.sender import LocalTransport
+from mailflow.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.yaml"
@@ -25,6 +31,47 @@ def write_config(tmp_path: Path, data: dict[str, Any], name: str = "mailflow.yam
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path
+
+
+def server_mail(smtp: Any, account: Any | None = None, **imap: Any) -> dict[str, Any]:
+    """The ``mail`` section for the rig's servers: ``smtp`` (anything with host and port) without TLS, and,
+    with ``account`` (a :class:`tests.servers.ImapAccount`), its IMAP login; ``imap`` adds or replaces keys."""
+    mail: dict[str, Any] = {
+        "transport": "smtp",
+        "smtp": {"host": smtp.host, "port": smtp.port, "security": "none", "timeout": 5},
+    }
+    if account is not None:
+        mail["imap"] = {
+            "host": account.host,
+            "port": account.port,
+            "security": "none",
+            "username": account.user,
+            "password": account.password,
+            "processed_folder": "Processed",
+            "timeout": 5,
+            **imap,
+        }
+    return mail
+
+
+def local_engine(tmp_path: Path, at: datetime) -> tuple[Engine, FixedClock]:
+    """The example campaign on the local transport (maildir ``out`` and ``in`` folders in tmp_path), its
+    requests sent by a tick at ``at``; the engine's store stays open for the caller to close."""
+    data = example_data()
+    data["store"] = str(tmp_path / "store.db")
+    data["mail"] = {"transport": "local", "local": {"outbox": str(tmp_path / "out"), "inbox": str(tmp_path / "in")}}
+    config = load_config(write_config(tmp_path, data))
+    assert config.mail.local is not None
+    clock = FixedClock(at)
+    engine = Engine(
+        config,
+        Store.open(config.store),
+        LocalTransport(config.mail.local.outbox),
+        clock,
+        mailbox=MaildirMailbox(config.mail.local.inbox),
+    )
+    engine.tick()
+    return engine, clock
 
 
 def smtp_config(tmp_path: Path, host: str, port: int, **mail: Any) -> Config:

@@ -25,7 +25,6 @@ import openpyxl
 import pytest
 import python_calamine
 
-from mailflow.clock import FixedClock
 from mailflow.config import Config, load_config
 from mailflow.consolidate import (
     DELEGATION_COLUMN_WIDTH,
@@ -39,12 +38,10 @@ from mailflow.consolidate import (
 )
 from mailflow.engine import Engine
 from mailflow.errors import MailflowError, UsageError
-from mailflow.mailbox import MaildirMailbox
 from mailflow.sample import build_sample_plan
-from mailflow.sender import LocalTransport
 from mailflow.store import DelegationState, Store
 from mailflow.workbook import FINGERPRINT_SHEET, RequestWorkbookFactory, make_fingerprint, read_master
-from tests.helpers import example_data, fill_workbook, reply_to, workbook_of, write_config
+from tests.helpers import example_data, fill_workbook, local_engine, reply_to, workbook_of, write_config
 
 CAMPAIGN = "responsible-2017"
 OPENS = datetime(2017, 10, 18, 16, 0, tzinfo=UTC)
@@ -111,16 +108,8 @@ class Campaign:
 @pytest.fixture
 def campaign(tmp_path: Path) -> Iterator[Campaign]:
     """Requests sent at opens; four delegations reply through the local inbox and the real intake."""
-    data = example_data()
-    data["store"] = str(tmp_path / "store.db")
-    data["mail"] = {"transport": "local", "local": {"outbox": str(tmp_path / "out"), "inbox": str(tmp_path / "in")}}
-    config = load_config(write_config(tmp_path, data))
-    clock = FixedClock(OPENS)
-    store = Store.open(config.store)
-    engine = Engine(
-        config, store, LocalTransport(config.mail.local.outbox), clock, mailbox=MaildirMailbox(config.mail.local.inbox)
-    )
-    engine.tick()
+    engine, clock = local_engine(tmp_path, OPENS)
+    config, store = engine.config, engine.store
     outbox = mailbox.Maildir(tmp_path / "out")
     messages = [email.message_from_bytes(outbox.get_bytes(key), policy=default) for key in outbox.iterkeys()]
     requests = {str(m["X-Mailflow-Delegation"]): m for m in messages}

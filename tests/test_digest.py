@@ -31,11 +31,10 @@ from mailflow.config import Config, load_config
 from mailflow.digest import answer_changes, digest_context, duration_text, progress_percent
 from mailflow.engine import Engine
 from mailflow.errors import TemplateError
-from mailflow.mailbox import MaildirMailbox
 from mailflow.render import Renderer, example_context
 from mailflow.sender import LocalTransport
 from mailflow.store import AnswerRow, Store
-from tests.helpers import bounce_of, example_data, fill_workbook, reply_to, workbook_of, write_config
+from tests.helpers import bounce_of, example_data, fill_workbook, local_engine, reply_to, workbook_of, write_config
 
 OPENS = datetime(2017, 10, 18, 16, 0, tzinfo=UTC)  # 10:00 in San José
 FIRST_REPLIES = OPENS + timedelta(hours=1)
@@ -75,16 +74,8 @@ def _edit_action(data: bytes, key: str, text: str) -> bytes:
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Campaign]:
     tmp_path = tmp_path_factory.mktemp("digest")
-    data = example_data()
-    data["store"] = str(tmp_path / "store.db")
-    data["mail"] = {"transport": "local", "local": {"outbox": str(tmp_path / "out"), "inbox": str(tmp_path / "in")}}
-    config = load_config(write_config(tmp_path, data))
-    clock = FixedClock(OPENS)
-    store = Store.open(config.store)
-    engine = Engine(
-        config, store, LocalTransport(config.mail.local.outbox), clock, mailbox=MaildirMailbox(config.mail.local.inbox)
-    )
-    engine.tick()
+    engine, clock = local_engine(tmp_path, OPENS)
+    config, store = engine.config, engine.store
     outbox = mailbox.Maildir(tmp_path / "out", factory=lambda f: email.message_from_binary_file(f, policy=default))
     requests: dict[str, EmailMessage] = {str(m["X-Mailflow-Delegation"]): m for m in outbox}
     inbox = mailbox.Maildir(tmp_path / "in", create=True)

@@ -15,7 +15,7 @@ from mailflow.config import Config, load_config
 from mailflow.engine import Engine
 from mailflow.sender import SmtpTransport
 from mailflow.store import OutboxStatus, Store
-from tests.helpers import example_data, request_template_broken_for, smtp_config, write_config
+from tests.helpers import example_data, request_template_broken_for, server_mail, smtp_config, write_config
 from tests.servers import SmtpServer
 
 pytestmark = pytest.mark.servers
@@ -231,10 +231,7 @@ def test_each_email_composed_while_the_server_takes_in_the_last_keeps_every_outc
     A template error for Guatemala and a refusal at the end of DATA for the first email sent stay with those
     two; every other email arrives once, byte for byte what the store kept before handing it over."""
     data = example_data()
-    data["mail"] = {
-        "transport": "smtp",
-        "smtp": {"host": smtp_server.host, "port": smtp_server.port, "security": "none", "timeout": 5},
-    }
+    data["mail"] = server_mail(smtp_server)
     data["store"] = str(tmp_path / "mailflow.db")
     data["templates"] = str(request_template_broken_for(tmp_path, "GT"))
     config = load_config(write_config(tmp_path, data))

@@ -35,7 +35,7 @@ from mailflow.engine import Engine, TickReport
 from mailflow.mailbox import Fetched, ImapMailbox, ImapSession, MailboxError
 from mailflow.sender import SmtpTransport
 from mailflow.store import OutboxStatus, Store
-from tests.helpers import example_data, reply_to, smtp_config, write_config
+from tests.helpers import example_data, reply_to, server_mail, smtp_config, write_config
 from tests.servers import DovecotServer, ImapAccount, SmtpServer
 
 pytestmark = pytest.mark.servers
@@ -198,20 +198,7 @@ def test_a_connection_dropped_after_data_resends_that_email_once_and_only_that_o
 def imap_config(tmp_path: Path, smtp: SmtpServer, account: ImapAccount, folder: str = "INBOX") -> Config:
     data = example_data()
     data["secretariat"].pop("digest", None)
-    data["mail"] = {
-        "transport": "smtp",
-        "smtp": {"host": smtp.host, "port": smtp.port, "security": "none", "timeout": 5},
-        "imap": {
-            "host": account.host,
-            "port": account.port,
-            "security": "none",
-            "username": account.user,
-            "password": account.password,
-            "folder": folder,
-            "processed_folder": "Processed",
-            "timeout": 5,
-        },
-    }
+    data["mail"] = server_mail(smtp, account, folder=folder)
     data["store"] = str(tmp_path / "mailflow.db")
     data["inbound"] = {"max_follow_ups_per_day": 1000}  # some tests have one delegation reply many times
     return load_config(write_config(tmp_path, data))

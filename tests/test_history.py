@@ -18,13 +18,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from mailflow import history
-from mailflow.clock import FixedClock
-from mailflow.config import Config, load_config
-from mailflow.engine import Engine
-from mailflow.mailbox import MaildirMailbox
-from mailflow.sender import LocalTransport
+from mailflow.config import Config
 from mailflow.store import OutboxStatus, Store
-from tests.helpers import example_data, fill_workbook, reply_to, workbook_of, write_config
+from tests.helpers import fill_workbook, local_engine, reply_to, workbook_of
 
 CAMPAIGN = "responsible-2017"
 OPENS = datetime(2017, 10, 18, 16, 0, tzinfo=UTC)  # 10:00 in Costa Rica
@@ -43,20 +39,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     """Requests go out; Costa Rica replies with two answers, then its auto-reply answers our follow-up; Honduras
     replies with a formula for a subject; two days later the reminders go out."""
     tmp_path = tmp_path_factory.mktemp("history")
-    data = example_data()
-    data["store"] = str(tmp_path / "store.db")
-    data["mail"] = {"transport": "local", "local": {"outbox": str(tmp_path / "out"), "inbox": str(tmp_path / "in")}}
-    config = load_config(write_config(tmp_path, data))
-    clock = FixedClock(OPENS)
-    store = Store.open(config.store)
-    engine = Engine(
-        config,
-        store,
-        LocalTransport(config.mail.local.outbox),
-        clock,
-        mailbox=MaildirMailbox(config.mail.local.inbox),
-    )
-    engine.tick()
+    engine, clock = local_engine(tmp_path, OPENS)
+    config, store = engine.config, engine.store
     sent = [email.message_from_bytes(m.as_bytes(), policy=default) for m in mailbox.Maildir(tmp_path / "out")]
     requests: dict[str, EmailMessage] = {str(m["X-Mailflow-Delegation"]): m for m in sent}
     inbox = mailbox.Maildir(tmp_path / "in", create=True)

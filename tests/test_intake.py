@@ -12,29 +12,15 @@ from typing import Any
 import pytest
 
 from mailflow import intake
-from mailflow.clock import FixedClock
-from mailflow.config import load_config
-from mailflow.engine import Engine
-from mailflow.mailbox import MaildirMailbox
-from mailflow.sender import LocalTransport
-from mailflow.store import Store
-from tests.helpers import ROOT, example_data, fill_workbook, reply_to, workbook_of, write_config
+from tests.helpers import ROOT, fill_workbook, local_engine, reply_to, workbook_of
 
 OPENS = datetime(2017, 10, 18, 16, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 def local(tmp_path: Path) -> Any:
-    data = example_data()
-    data["store"] = str(tmp_path / "store.db")
-    data["mail"] = {"transport": "local", "local": {"outbox": str(tmp_path / "out"), "inbox": str(tmp_path / "in")}}
-    config = load_config(write_config(tmp_path, data))
-    clock = FixedClock(OPENS)
-    store = Store.open(config.store)
-    engine = Engine(
-        config, store, LocalTransport(config.mail.local.outbox), clock, mailbox=MaildirMailbox(config.mail.local.inbox)
-    )
-    engine.tick()
+    engine, clock = local_engine(tmp_path, OPENS)
+    store = engine.store
     outbox = mailbox.Maildir(tmp_path / "out", factory=lambda f: email.message_from_binary_file(f, policy=default))
     requests = {str(m["X-Mailflow-Delegation"]): m for m in outbox}
     yield engine, clock, requests, mailbox.Maildir(tmp_path / "in", create=True)

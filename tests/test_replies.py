@@ -14,7 +14,7 @@ from mailflow.engine import Engine
 from mailflow.mailbox import ImapMailbox
 from mailflow.sender import SmtpTransport
 from mailflow.store import Store
-from tests.helpers import bounce_of, example_data, fill_workbook, reply_to, workbook_of, write_config
+from tests.helpers import bounce_of, example_data, fill_workbook, reply_to, server_mail, workbook_of, write_config
 from tests.servers import ImapAccount, SmtpServer
 
 pytestmark = pytest.mark.servers
@@ -25,20 +25,7 @@ ALL_KEYS = [f"{line}.{action}" for line in range(1, 6) for action in range(1, 9)
 
 def config_for(tmp_path: Path, smtp: SmtpServer, account: ImapAccount, folder: str = "INBOX", **inbound: Any) -> Config:
     data = example_data()
-    data["mail"] = {
-        "transport": "smtp",
-        "smtp": {"host": smtp.host, "port": smtp.port, "security": "none", "timeout": 5},
-        "imap": {
-            "host": account.host,
-            "port": account.port,
-            "security": "none",
-            "username": account.user,
-            "password": account.password,
-            "folder": folder,
-            "processed_folder": "Processed",
-            "timeout": 10,
-        },
-    }
+    data["mail"] = server_mail(smtp, account, folder=folder, timeout=10)
     data["store"] = str(tmp_path / "mailflow.db")
     if inbound:
         data["inbound"] = inbound

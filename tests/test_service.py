@@ -31,7 +31,7 @@ from mailflow.mailbox import MaildirMailbox
 from mailflow.sender import LocalTransport
 from mailflow.service import Backoff, due_instants, next_send_pass, run_service
 from mailflow.store import Store
-from tests.helpers import ROOT, example_data, fill_workbook, reply_to, workbook_of, write_config
+from tests.helpers import ROOT, example_data, fill_workbook, reply_to, server_mail, workbook_of, write_config
 from tests.servers import DovecotServer, ImapAccount, SmtpServer
 
 ALL_KEYS = [f"{line}.{action}" for line in range(1, 6) for action in range(1, 9)]
@@ -55,20 +55,7 @@ def campaign_data(tmp_path: Path) -> dict[str, Any]:
 
 def server_config(tmp_path: Path, smtp: SmtpServer, account: ImapAccount, **imap: Any) -> Path:
     data = campaign_data(tmp_path)
-    data["mail"] = {
-        "transport": "smtp",
-        "smtp": {"host": smtp.host, "port": smtp.port, "security": "none", "timeout": 5},
-        "imap": {
-            "host": account.host,
-            "port": account.port,
-            "security": "none",
-            "username": account.user,
-            "password": account.password,
-            "processed_folder": "Processed",
-            "timeout": 5,
-            **imap,
-        },
-    }
+    data["mail"] = server_mail(smtp, account, **imap)
     return write_config(tmp_path, data)
 
 

@@ -26,12 +26,8 @@ from typing import Any
 import pytest
 
 from mailflow.clock import FixedClock
-from mailflow.config import load_config
 from mailflow.engine import Engine
-from mailflow.mailbox import MaildirMailbox
-from mailflow.sender import LocalTransport
-from mailflow.store import Store
-from tests.helpers import bounce_of, example_data, fill_workbook, reply_to, workbook_of, write_config
+from tests.helpers import bounce_of, fill_workbook, local_engine, reply_to, workbook_of
 from tests.servers import ImapAccount, SmtpServer
 
 OPENS = datetime(2017, 10, 18, 16, 0, tzinfo=UTC)
@@ -76,16 +72,8 @@ class Local:
 
 @pytest.fixture
 def local(tmp_path: Path) -> Iterator[Local]:
-    data = example_data()
-    data["store"] = str(tmp_path / "store.db")
-    data["mail"] = {"transport": "local", "local": {"outbox": str(tmp_path / "out"), "inbox": str(tmp_path / "in")}}
-    config = load_config(write_config(tmp_path, data))
-    clock = FixedClock(OPENS)
-    store = Store.open(config.store)
-    engine = Engine(
-        config, store, LocalTransport(config.mail.local.outbox), clock, mailbox=MaildirMailbox(config.mail.local.inbox)
-    )
-    engine.tick()
+    engine, clock = local_engine(tmp_path, OPENS)
+    store = engine.store
     opened = Local(engine, clock, {}, mailbox.Maildir(tmp_path / "in", create=True), tmp_path / "out")
     opened.requests = {str(m["X-Mailflow-Delegation"]): m for m in opened.sent()}
     assert len(opened.requests) == 11

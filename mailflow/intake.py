@@ -692,12 +692,12 @@ class Intake:
                     self.store.record_event(now, "uidvalidity_changed", f"{folder}: {previous[0]} -> {validity}")
             known = self.store.known_uids(folder, validity)
             # Recorded before but not moved (a crash, or the folder was missing): move them now.
-            to_move = [uid for uid, row in known.items() if not row.moved and row.outcome in MOVABLE]
+            to_move = {uid: row.id for uid, row in known.items() if not row.moved and row.outcome in MOVABLE}
             new = [uid for uid in session.uids() if uid not in known]
             if new:
                 self._take_all(session.fetch(new, self.config.inbound.max_message_bytes), now, report, to_move)
             if to_move:
-                report.moved = self._move(session, known, to_move, folder, validity)
+                report.moved = self._move(session, to_move)
             with self.store.transaction():
                 self.store.set_mailbox_state(folder, validity, now)
         except (MailboxError, StoreError) as exc:
@@ -707,7 +707,9 @@ class Intake:
             session.close()
         return report
 
-    def _take_all(self, messages: Iterator[Fetched], now: datetime, report: IntakeReport, to_move: list[int]) -> None:
+    def _take_all(
+        self, messages: Iterator[Fetched], now: datetime, report: IntakeReport, to_move: dict[int, int]
+    ) -> None:
         """Record every fetched message, many in one store transaction, each in its own savepoint.
 
         A batch is committed before anything of it is moved or reported. If the process dies in the
@@ -738,7 +740,7 @@ class Intake:
                     if outcome == FAILED:
                         report.failed += 1
                     if outcome in MOVABLE or (outcome == DUPLICATE and self._original_moved(inbound_id)):
-                        to_move.append(uid)
+                        to_move[uid] = inbound_id
         except StoreError:
             # The store failed, the process did not die: the message in hand is not to blame.
             with contextlib.suppress(StoreError), self.store.transaction():
@@ -891,16 +893,15 @@ class Intake:
             self.store.record_event(now, f"received_{outcome}", reason, detail={"inbound_id": inbound_id})
         return inbound_id
 
-    def _move(self, session: Any, known: Mapping[int, Any], uids: Sequence[int], folder: str, validity: int) -> int:
+    def _move(self, session: Any, to_move: Mapping[int, int]) -> int:
+        """Move the messages ``to_move`` ({uid: its row}) to the processed folder, and record them as moved."""
         target = self.config.mail.imap.processed_folder if self.config.mail.imap else "mailflow-processed"
         try:
-            session.move(sorted(set(uids)), target)
+            session.move(sorted(to_move), target)
         except MailboxError as exc:
             log.error("cannot move processed messages to %s (they stay recorded; retried next pass): %s", target, exc)
             return 0
-        rows = self.store.known_uids(folder, validity)
         with self.store.transaction():
-            for uid in uids:
-                if uid in rows:
-                    self.store.mark_moved(rows[uid].id)
-        return len(set(uids))
+            for inbound_id in to_move.values():
+                self.store.mark_moved(inbound_id)
+        return len(to_move)

@@ -4,9 +4,11 @@
 :meth:`Intake.record` writes one message's outcome in one transaction (the
 message row, its attachments, the answers, the state change, the follow-up
 email), which is what makes a message processed; :meth:`Intake.read_inbox`
-walks a mailbox, one message at a time, each in its own savepoint of a batch
-transaction so one bad message never stops the others, and moves what was
-processed once the store has committed it.
+walks a mailbox, recording one message at a time in the order received, each
+in its own savepoint of a batch transaction so one bad message never stops the
+others, and moves what was processed once the store has committed it. With
+many messages, the next ones' workbooks are read meanwhile in a reader process
+(:mod:`mailflow.reader`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -24,6 +27,7 @@ from mailflow import inbound, reasons
 from mailflow.config import Campaign, Config, Delegation
 from mailflow.errors import MailflowError, StoreError
 from mailflow.mailbox import Fetched, Mailbox, MailboxError
+from mailflow.reader import InlineReader, Job, Pending, ProcessReader, Reader, process_reader_available
 from mailflow.render import make_message_id, parse_subject_reference
 from mailflow.returns import (
     STATUS_IGNORED,
@@ -61,6 +65,9 @@ MOVABLE = frozenset({APPLIED, HELD, AUTO_REPLY, BOUNCE})
 MAX_ROW_CHANGES = 200  # rows added, deleted or changed outside the fill column recorded per reply, of each kind
 COMMIT_EVERY = 50  # received messages recorded in one store transaction (each in its own savepoint)
 COMMIT_SECONDS = 2.0  # ... or as many as were recorded in this time, whichever comes first
+LOOKAHEAD = 16  # messages started (parsed, workbooks handed to the reader process) before they are recorded
+LOOKAHEAD_BYTES = 32 * 1024 * 1024  # ... and at most this many bytes of them
+PROCESS_READER_FROM = 8  # a pass with fewer new messages reads its workbooks in this process
 INTAKE_PASS_KEY = "intake_pass"  # meta: "" (no pass running), "running", or the message being read after a crash
 PASS_RUNNING = "running"
 
@@ -166,6 +173,37 @@ class IntakeReport:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class _File:
+    """An attachment on its way: what it is already known to be, or its reading to come."""
+
+    attachment: inbound.Attachment
+    digest: str
+    outcome: AttachmentResult | Pending
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """A reply attributed to a delegation, its workbooks being read."""
+
+    digest: str
+    message: inbound.Message
+    campaign: Campaign
+    delegation: Delegation
+    evidence: str
+    trusted: bool
+    layout: MasterLayout
+    files: list[_File]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """:meth:`Intake._prepare`'s result: a finished analysis, or a reply to conclude."""
+
+    done: Analysis | None
+    reply: _Reply | None = None
+
+
 WORKBOOK_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods")
 
 
@@ -179,6 +217,72 @@ def looks_like_workbook(data: bytes, filename: str) -> bool:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Started:
+    """A fetched message on its way to the store: parsed and prepared, or what stopped that."""
+
+    fetched: Fetched
+    message: inbound.Message | None = None
+    prepared: _Prepared | None = None
+    error: Exception | None = None
+    quarantine: bool = False
+    """The message an interrupted pass was reading: set aside, not read again."""
+
+    def discard(self) -> None:
+        """Collect and drop the readings handed over (the message is not recorded as a reply)."""
+        reply = self.prepared.reply if self.prepared is not None else None
+        for file in reply.files if reply is not None else ():
+            if not isinstance(file.outcome, AttachmentResult):
+                file.outcome.result()
+
+
+class _Ahead:
+    """The fetched messages, each started up to ``depth`` messages before it is recorded.
+
+    Starting a message (:meth:`Intake._start`) hands its workbooks to the
+    reader, which reads them while the messages before it are recorded. At
+    most ``max_bytes`` of messages wait, started, at a time (one at least). A
+    mailbox failure is raised once the messages fetched before it are taken."""
+
+    def __init__(
+        self, messages: Iterator[Fetched], start: Callable[[Fetched], _Started], depth: int, max_bytes: int = 0
+    ) -> None:
+        self.messages = messages
+        self.start = start
+        self.depth = max(depth, 1)
+        self.max_bytes = max_bytes or LOOKAHEAD_BYTES
+        self.waiting: deque[_Started] = deque()
+        self.bytes = 0
+        self.failure: MailboxError | None = None
+        self.exhausted = False
+
+    def next(self) -> _Started | None:
+        self._fill()
+        if self.waiting:
+            begun = self.waiting.popleft()
+            self.bytes -= len(begun.fetched.raw)
+            return begun
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+        return None
+
+    def _fill(self) -> None:
+        while (
+            not self.exhausted and len(self.waiting) < self.depth and (not self.waiting or self.bytes < self.max_bytes)
+        ):
+            try:
+                fetched = next(self.messages, None)
+            except MailboxError as exc:
+                self.failure, self.exhausted = exc, True
+                return
+            if fetched is None:
+                self.exhausted = True
+                return
+            self.waiting.append(self.start(fetched))
+            self.bytes += len(fetched.raw)
 
 
 class Intake:
@@ -197,6 +301,10 @@ class Intake:
             max_uncompressed_bytes=limits.max_uncompressed_bytes,
             max_compression_ratio=limits.max_compression_ratio,
         )
+        self.process_reader_from = PROCESS_READER_FROM
+        """Fewest new messages for which a pass reads workbooks in a reader process."""
+        self.reader_initializer = ""
+        """"module:function" run first in each reader process (tests use it to make one fail)."""
         self._contacts: dict[str, str] = {
             address.lower(): d.id for d in self.config.delegations for address in d.contacts
         }
@@ -209,57 +317,77 @@ class Intake:
         """What this message is, who sent it about what, and what it would record. Writes nothing.
 
         ``message`` is ``raw`` already parsed, when the caller has it."""
+        return self._conclude(self._prepare(raw, message, campaign_hint, InlineReader()))
+
+    def _prepare(
+        self, raw: bytes, message: inbound.Message | None, campaign_hint: str | None, reader: Reader
+    ) -> _Prepared:
+        """The part of :meth:`analyse` that depends on no other message: kind, attribution, trust, and each
+        workbook handed to ``reader``. :meth:`_conclude` finishes it, in the order messages are recorded."""
         message = message or inbound.parse_message(raw, self.message_limits)
         digest = sha256(raw)
         campaign, delegation, evidence = self._attribute(message, campaign_hint)
         if campaign is None or delegation is None:
-            return Analysis(
-                digest,
-                message,
-                inbound.KIND_UNRELATED,
-                None,
-                None,
-                evidence,
-                None,
-                UNRELATED,
-                "not about any campaign: left in the inbox for a person",
+            return _Prepared(
+                Analysis(
+                    digest,
+                    message,
+                    inbound.KIND_UNRELATED,
+                    None,
+                    None,
+                    evidence,
+                    None,
+                    UNRELATED,
+                    "not about any campaign: left in the inbox for a person",
+                )
             )
         trusted = self._trusted(message, delegation)
-        code: str | None = None  # why the message is held, if it is (a mailflow.reasons code)
-        params: dict[str, str] = {}
         if message.kind == inbound.KIND_BOUNCE:
             failed = ", ".join(f"{f.recipient} {f.status}" for f in message.failures) or "no recipient named"
             # Anyone can write a delivery report: only one that returns an email we sent marks a contact.
             verified = evidence.startswith("in reply to")
-            if not verified:
-                code, params = reasons.HELD_FORGED_BOUNCE, {"failed": failed}
-            return Analysis(
-                digest,
-                message,
-                inbound.KIND_BOUNCE,
-                campaign,
-                delegation,
-                evidence,
-                trusted,
-                BOUNCE if verified else HELD,
-                f"delivery failure: {failed}" if code is None else reasons.explain(code, params),
-                reason_code=code,
-                reason_params=params,
+            code, params = (None, {}) if verified else (reasons.HELD_FORGED_BOUNCE, {"failed": failed})
+            return _Prepared(
+                Analysis(
+                    digest,
+                    message,
+                    inbound.KIND_BOUNCE,
+                    campaign,
+                    delegation,
+                    evidence,
+                    trusted,
+                    BOUNCE if verified else HELD,
+                    f"delivery failure: {failed}" if code is None else reasons.explain(code, params),
+                    reason_code=code,
+                    reason_params=params,
+                )
             )
         if message.kind == inbound.KIND_AUTO_REPLY:
-            return Analysis(
-                digest,
-                message,
-                inbound.KIND_AUTO_REPLY,
-                campaign,
-                delegation,
-                evidence,
-                trusted,
-                AUTO_REPLY,
-                message.kind_reason,
+            return _Prepared(
+                Analysis(
+                    digest,
+                    message,
+                    inbound.KIND_AUTO_REPLY,
+                    campaign,
+                    delegation,
+                    evidence,
+                    trusted,
+                    AUTO_REPLY,
+                    message.kind_reason,
+                )
             )
         layout = self.engine.layout(campaign)
-        results = tuple(self._read_attachments(message, campaign, delegation, layout))
+        files = [self._hand_over(attachment, campaign, layout, reader) for attachment in message.attachments]
+        return _Prepared(None, _Reply(digest, message, campaign, delegation, evidence, trusted, layout, files))
+
+    def _conclude(self, prepared: _Prepared) -> Analysis:
+        """:meth:`analyse`'s conclusion: the readings, the answers and the follow-up (which reads the store)."""
+        if prepared.done is not None:
+            return prepared.done
+        reply = prepared.reply
+        assert reply is not None
+        message, campaign, delegation, layout = reply.message, reply.campaign, reply.delegation, reply.layout
+        results = tuple(self._attachment_result(file, campaign, delegation) for file in reply.files)
         parsed = [r.reading for r in results if r.reading is not None and r.status == STATUS_PARSED]
         answers: dict[str, str] = {}
         for reading in parsed:
@@ -269,18 +397,20 @@ class Intake:
         answers.update(body)
         follow_up: str | None = None
         follow_reason: str | None = None
-        if not trusted and not self.config.inbound.accept_untrusted:
+        code: str | None = None  # why the message is held, if it is (a mailflow.reasons code)
+        params: dict[str, str] = {}
+        if not reply.trusted and not self.config.inbound.accept_untrusted:
             code, params = self._distrust_reason(message, delegation)
         else:
             follow_up, follow_reason = self._follow_up(campaign, delegation, results, answers, layout)
         return Analysis(
-            digest,
+            reply.digest,
             message,
             inbound.KIND_REPLY,
             campaign,
             delegation,
-            evidence,
-            trusted,
+            reply.evidence,
+            reply.trusted,
             APPLIED if code is None else HELD,
             None if code is None else reasons.explain(code, params),
             results,
@@ -409,44 +539,44 @@ class Intake:
             return reasons.HELD_NOT_LISTED, {"sender": message.from_address, "delegation": delegation.name}
         return reasons.HELD_AUTHENTICATION, {"checks": ", ".join(message.auth.failing)}
 
-    def _read_attachments(
-        self, message: inbound.Message, campaign: Campaign, delegation: Delegation, layout: MasterLayout
-    ) -> Iterable[AttachmentResult]:
-        for attachment in message.attachments:
-            digest = sha256(attachment.data)
-            if not attachment.is_workbook:
-                yield AttachmentResult(attachment, STATUS_IGNORED, "not a workbook", digest)
-                continue
-            if attachment.too_large:
-                limit = {"limit": str(self.config.inbound.max_attachment_bytes // (1024 * 1024))}
-                yield AttachmentResult(
-                    attachment,
-                    STATUS_REJECTED,
-                    reasons.explain(reasons.ATTACHMENT_TOO_LARGE, limit),
-                    digest,
-                    reason_code=reasons.ATTACHMENT_TOO_LARGE,
-                    reason_params=limit,
-                )
-                continue
-            reading = read_return(
-                attachment.data,
-                attachment.filename,
-                layout,
-                campaign.key_column,
-                campaign.fill_column,
-                self.return_limits,
-            )
-            duplicate = self.store.attachment_seen(campaign.id, delegation.id, digest)
-            yield AttachmentResult(
+    def _hand_over(
+        self, attachment: inbound.Attachment, campaign: Campaign, layout: MasterLayout, reader: Reader
+    ) -> _File:
+        """One attachment: what it is at once (not a workbook, too large), or its workbook handed to ``reader``."""
+        digest = sha256(attachment.data)
+        if not attachment.is_workbook:
+            return _File(attachment, digest, AttachmentResult(attachment, STATUS_IGNORED, "not a workbook", digest))
+        if attachment.too_large:
+            limit = {"limit": str(self.config.inbound.max_attachment_bytes // (1024 * 1024))}
+            refused = AttachmentResult(
                 attachment,
-                reading.status,
-                reading.reason,
+                STATUS_REJECTED,
+                reasons.explain(reasons.ATTACHMENT_TOO_LARGE, limit),
                 digest,
-                reading,
-                duplicate,
-                reason_code=reading.reason_code,
-                reason_params=reading.reason_params,
+                reason_code=reasons.ATTACHMENT_TOO_LARGE,
+                reason_params=limit,
             )
+            return _File(attachment, digest, refused)
+        job = Job(
+            attachment.data, attachment.filename, layout, campaign.key_column, campaign.fill_column, self.return_limits
+        )
+        return _File(attachment, digest, reader.submit(job))
+
+    def _attachment_result(self, file: _File, campaign: Campaign, delegation: Delegation) -> AttachmentResult:
+        if isinstance(file.outcome, AttachmentResult):
+            return file.outcome
+        reading = file.outcome.result()
+        duplicate = self.store.attachment_seen(campaign.id, delegation.id, file.digest)
+        return AttachmentResult(
+            file.attachment,
+            reading.status,
+            reading.reason,
+            file.digest,
+            reading,
+            duplicate,
+            reason_code=reading.reason_code,
+            reason_params=reading.reason_params,
+        )
 
     def _follow_up(
         self,
@@ -695,7 +825,9 @@ class Intake:
             to_move = {uid: row.id for uid, row in known.items() if not row.moved and row.outcome in MOVABLE}
             new = [uid for uid in session.uids() if uid not in known]
             if new:
-                self._take_all(session.fetch(new, self.config.inbound.max_message_bytes), now, report, to_move)
+                self._take_all(
+                    session.fetch(new, self.config.inbound.max_message_bytes), len(new), now, report, to_move
+                )
             if to_move:
                 report.moved = self._move(session, to_move)
             with self.store.transaction():
@@ -708,31 +840,41 @@ class Intake:
         return report
 
     def _take_all(
-        self, messages: Iterator[Fetched], now: datetime, report: IntakeReport, to_move: dict[int, int]
+        self, messages: Iterator[Fetched], count: int, now: datetime, report: IntakeReport, to_move: dict[int, int]
     ) -> None:
-        """Record every fetched message, many in one store transaction, each in its own savepoint.
+        """Record every fetched message (``count`` of them), many in one store transaction, each in its own
+        savepoint.
 
         A batch is committed before anything of it is moved or reported. If the process dies in the
         middle of a batch, what the batch recorded is undone, and the next pass records one message
         per transaction, having first committed which message it is reading: a message that ends the
-        process again is then recorded as failed and left for a person, instead of stopping every pass."""
+        process again is then recorded as failed and left for a person, instead of stopping every pass.
+
+        When there are many, the workbooks of the next messages are read in a reader process
+        (:mod:`mailflow.reader`) while this one records: each message is parsed, attributed and its
+        workbooks handed over up to :data:`LOOKAHEAD` messages ahead, and recorded in order."""
         interrupted = self.store.get_meta(INTAKE_PASS_KEY) or ""
         if interrupted:
             log.warning("the last read of the inbox was interrupted: reading one message at a time")
         else:
             with self.store.transaction():
                 self.store.set_meta(INTAKE_PASS_KEY, PASS_RUNNING)
-        pending = iter(messages)
+        reader = self._reader(count, careful=bool(interrupted))
+        if interrupted:
+            ahead = _Ahead(messages, lambda fetched: self._start_carefully(fetched, interrupted), 1)
+        else:
+            depth = LOOKAHEAD if isinstance(reader, ProcessReader) else 1
+            ahead = _Ahead(messages, lambda fetched: self._start(fetched, reader), depth)
         failure: MailboxError | None = None
         more = True
         try:
             while more and failure is None:
                 taken: list[tuple[int, str, int]] = []
                 if interrupted:
-                    more, failure = self._take_batch(pending, 1, now, taken, interrupted)
+                    more, failure = self._take_batch(ahead, 1, now, taken)
                 else:
                     with self.store.transaction():
-                        more, failure = self._take_batch(pending, COMMIT_EVERY, now, taken, "")
+                        more, failure = self._take_batch(ahead, COMMIT_EVERY, now, taken)
                 for uid, outcome, inbound_id in taken:
                     report.read += 1
                     report.recorded.append(inbound_id)
@@ -746,43 +888,63 @@ class Intake:
             with contextlib.suppress(StoreError), self.store.transaction():
                 self.store.set_meta(INTAKE_PASS_KEY, PASS_RUNNING)
             raise
+        finally:
+            reader.close()
         with self.store.transaction():
             self.store.set_meta(INTAKE_PASS_KEY, "")
         if failure is not None:
             raise failure
 
-    def _take_batch(
-        self,
-        messages: Iterator[Fetched],
-        size: int,
-        now: datetime,
-        taken: list[tuple[int, str, int]],
-        interrupted: str,
-    ) -> tuple[bool, MailboxError | None]:
-        """Record up to ``size`` messages: (more may follow, the mailbox's failure if it failed).
+    def _reader(self, count: int, *, careful: bool) -> Reader:
+        """Where this pass reads workbooks: beside it when it has many messages, else (and after a crash) here."""
+        if careful or count < self.process_reader_from or not process_reader_available():
+            return InlineReader()
+        reader = ProcessReader(initializer=self.reader_initializer)
+        reader.start()  # it imports while this process fetches and parses the first messages
+        return reader
 
-        ``interrupted`` names the message the last, interrupted pass was reading ("" if none)."""
+    def _take_batch(
+        self, ahead: _Ahead, size: int, now: datetime, taken: list[tuple[int, str, int]]
+    ) -> tuple[bool, MailboxError | None]:
+        """Record up to ``size`` messages: (more may follow, the mailbox's failure if it failed)."""
         started = time.monotonic()
         while len(taken) < size and time.monotonic() - started < COMMIT_SECONDS:
             if self.engine.stop_requested():
                 log.info("stopping: the rest of the inbox is read on the next pass")
                 return False, None
             try:
-                fetched = next(messages, None)
+                begun = ahead.next()
             except MailboxError as exc:
                 return False, exc  # what was recorded is committed; the rest waits for the next pass
-            if fetched is None:
+            if begun is None:
                 return False, None
-            if interrupted:
-                mark = f"{fetched.folder}/{fetched.uidvalidity}/{fetched.uid}"
-                if mark == interrupted:
-                    taken.append((fetched.uid, FAILED, self._quarantine(fetched, now)))
-                    continue
-                with self.store.transaction():  # committed before the message is read
-                    self.store.set_meta(INTAKE_PASS_KEY, mark)
-            outcome, inbound_id = self._take(fetched, now)
-            taken.append((fetched.uid, outcome, inbound_id))
+            outcome, inbound_id = self._finish(begun, now)
+            taken.append((begun.fetched.uid, outcome, inbound_id))
         return True, None
+
+    def _start_carefully(self, fetched: Fetched, interrupted: str) -> _Started:
+        """After a crash: commit which message is read before reading it, and set aside the one that was."""
+        mark = f"{fetched.folder}/{fetched.uidvalidity}/{fetched.uid}"
+        if mark == interrupted:
+            return _Started(fetched, quarantine=True)
+        with self.store.transaction():  # committed before the message is read
+            self.store.set_meta(INTAKE_PASS_KEY, mark)
+        return self._start(fetched, InlineReader())
+
+    def _start(self, fetched: Fetched, reader: Reader) -> _Started:
+        """Parse a fetched message and prepare its analysis (its workbooks handed to ``reader``); never raises
+        for the message's own faults (they are kept for :meth:`_finish`)."""
+        raw = fetched.raw
+        if not raw and fetched.size:
+            return _Started(fetched)  # too large: nothing to read
+        message: inbound.Message | None = None
+        try:
+            message = inbound.parse_message(raw, self.message_limits)
+            return _Started(fetched, message, self._prepare(raw, message, None, reader))
+        except StoreError:
+            raise
+        except Exception as exc:
+            return _Started(fetched, message, error=exc)
 
     def _quarantine(self, fetched: Fetched, now: datetime) -> int:
         log.error("message uid %s of %s: %s", fetched.uid, fetched.folder, reasons.explain(reasons.STOPPED_TWICE, {}))
@@ -795,8 +957,11 @@ class Intake:
         original = self.store.inbound(row.duplicate_of)
         return original.outcome in MOVABLE
 
-    def _take(self, fetched: Fetched, now: datetime) -> tuple[str, int]:
-        """Account for one fetched message; never raises for the message's own faults."""
+    def _finish(self, begun: _Started, now: datetime) -> tuple[str, int]:
+        """Account for one started message, in the order received; never raises for the message's own faults."""
+        fetched = begun.fetched
+        if begun.quarantine:
+            return FAILED, self._quarantine(fetched, now)
         raw = fetched.raw
         if not raw and fetched.size:
             limit = str(self.config.inbound.max_message_bytes // (1024 * 1024))
@@ -809,11 +974,13 @@ class Intake:
                 keep_raw=False,
             )
         try:
-            digest = sha256(raw)
-            message = inbound.parse_message(raw, self.message_limits)
+            message = begun.message
+            if message is None:
+                raise begun.error or MailflowError("the message was not parsed")
             message_id = message.message_id
-            seen = self.store.find_inbound(message_id, digest)
+            seen = self.store.find_inbound(message_id, sha256(raw))
             if seen is not None:
+                begun.discard()
                 return DUPLICATE, self._record_plain(
                     fetched,
                     now,
@@ -823,7 +990,9 @@ class Intake:
                     message_id=message_id,
                     seen=seen,
                 )
-            analysis = self.analyse(raw, message=message)
+            if begun.error is not None or begun.prepared is None:
+                raise begun.error or MailflowError("the message was not analysed")
+            analysis = self._conclude(begun.prepared)
             inbound_id = self.record(
                 analysis, folder=fetched.folder, uidvalidity=fetched.uidvalidity, uid=fetched.uid, raw=raw, now=now
             )
@@ -839,7 +1008,7 @@ class Intake:
         except StoreError:
             raise  # the store, not the message: stop the pass; the message stays unrecorded and is read again
         except Exception as exc:
-            log.exception("cannot process message uid %s of %s", fetched.uid, fetched.folder)
+            log.error("cannot process message uid %s of %s", fetched.uid, fetched.folder, exc_info=exc)
             return FAILED, self._record_plain(
                 fetched,
                 now,

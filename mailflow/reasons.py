@@ -34,6 +34,8 @@ TOO_MANY_SHEETS = "too_many_sheets"
 NOT_OURS_CODES = "not_ours_codes"
 NOT_OURS_COLUMNS = "not_ours_columns"
 UNEXPECTED = "unexpected"
+READER_STOPPED = "reader_stopped"
+READER_TIMEOUT = "reader_timeout"
 ATTACHMENT_TOO_LARGE = "attachment_too_large"
 # What became of a received message (for the Secretariat).
 HELD_NO_SENDER = "held_no_sender"
@@ -192,6 +194,18 @@ _CATALOGUE: dict[str, dict[str, Callable[[Params], str]]] = {
     UNEXPECTED: {
         "en": lambda p: f"the file could not be read ({p['error']}); {_RESAVE_EN}",
         "es": lambda p: f"no pudimos leer el archivo ({p['error']}); {_RESAVE_ES}",
+    },
+    READER_STOPPED: {
+        "en": lambda p: (
+            f"the file stopped the program reading it (a crash, or more memory than it may use); {_RESAVE_EN}"
+        ),
+        "es": lambda p: (
+            f"el archivo detuvo el programa que lo lee (un fallo, o más memoria de la permitida); {_RESAVE_ES}"
+        ),
+    },
+    READER_TIMEOUT: {
+        "en": lambda p: f"reading the file took more than {p['seconds']} seconds; {_RESAVE_EN}",
+        "es": lambda p: f"leer el archivo tomó más de {p['seconds']} segundos; {_RESAVE_ES}",
     },
     ATTACHMENT_TOO_LARGE: {
         "en": lambda p: f"the file is larger than {p['limit']} MB; please send a smaller file",

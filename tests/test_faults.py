@@ -32,6 +32,7 @@ from imapclient import IMAPClient
 from mailflow.clock import FixedClock
 from mailflow.config import Config, load_config
 from mailflow.engine import Engine, TickReport
+from mailflow.intake import LOOKAHEAD
 from mailflow.mailbox import Fetched, ImapMailbox, ImapSession, MailboxError
 from mailflow.sender import SmtpTransport
 from mailflow.store import OutboxStatus, Store
@@ -288,7 +289,7 @@ def inbox(tmp_path: Path, smtp_server: SmtpServer, imap_account: ImapAccount) ->
     opened.close()
 
 
-@pytest.mark.parametrize("when", ["after record 1", "after record 50", "during a FETCH"])
+@pytest.mark.parametrize("when", ["after record 1", "after record 35", "during a FETCH"])
 def test_dovecot_stopped_during_a_fetch_loses_nothing_and_processes_nothing_twice(
     tmp_path: Path,
     smtp_server: SmtpServer,
@@ -298,7 +299,11 @@ def test_dovecot_stopped_during_a_fetch_loses_nothing_and_processes_nothing_twic
 ) -> None:
     """60 replies of 150 KB each, fetched in two batches (50 and 10). Dovecot is stopped from another thread: once the
     intake has recorded the n-th reply (the intake waits until it is down, so the next FETCH finds it gone), or as
-    the first 7.5 MB FETCH of bodies begins (the transfer is cut: "socket error: EOF" or the server's BYE)."""
+    the first 7.5 MB FETCH of bodies begins (the transfer is cut: "socket error: EOF" or the server's BYE).
+
+    The intake starts each message LOOKAHEAD (16) messages before recording it, so the second FETCH is made right
+    after record 35 (it brings message 51): stopping there, every message of the first FETCH is still recorded."""
+    assert LOOKAHEAD == 16
     dovecot = make_dovecot()
     opened = Inbox(tmp_path, smtp_server, dovecot.account("ts@example.org"))
     try:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mailflow import intake
+from mailflow import intake, reader
 from tests.helpers import ROOT, fill_workbook, local_engine, reply_to, workbook_of
 
 OPENS = datetime(2017, 10, 18, 16, 0, tzinfo=UTC)
@@ -47,14 +47,14 @@ def _three_replies(requests: dict[str, Any], inbox: mailbox.Maildir) -> None:
 def test_one_bad_message_never_stops_the_others(local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     engine, clock, requests, inbox = local
     _three_replies(requests, inbox)
-    real = intake.read_return
+    real = reader.read_return
 
     def explode_for_costa_rica(data: bytes, filename: str, *args: Any, **kwargs: Any) -> Any:
         if "Costa Rica" in filename:
             raise RuntimeError("a bug in the reader")
         return real(data, filename, *args, **kwargs)
 
-    monkeypatch.setattr(intake, "read_return", explode_for_costa_rica)
+    monkeypatch.setattr(reader, "read_return", explode_for_costa_rica)
     clock.set(OPENS + timedelta(hours=1))
     report = engine.tick()
     assert report.inbox.by_outcome == {"applied": 2, "failed": 1} and report.inbox.failed == 1
@@ -195,14 +195,14 @@ def test_a_message_that_ends_the_process_twice_is_set_aside_and_the_others_are_r
     engine, clock, requests, inbox = local
     _three_replies(requests, inbox)
     store = engine.store
-    real = intake.read_return
+    real = reader.read_return
 
     def die_on_costa_rica(data: bytes, filename: str, *args: Any, **kwargs: Any) -> Any:
         if "Costa Rica" in filename:
             raise _Died
         return real(data, filename, *args, **kwargs)
 
-    monkeypatch.setattr(intake, "read_return", die_on_costa_rica)
+    monkeypatch.setattr(reader, "read_return", die_on_costa_rica)
     clock.set(OPENS + timedelta(hours=1))
     # First pass: all three in one transaction, which dies with the process: nothing of it stays.
     with pytest.raises(_Died):
@@ -252,3 +252,64 @@ def test_why_a_file_could_not_be_read_is_written_in_the_delegation_s_language(lo
     [attachment] = engine.store.attachments(row.id)
     assert attachment.reason == "the file is password-protected; please send it without a password"
     assert attachment.reason_code == "password" and attachment.reason_in("es").startswith("el archivo está")
+
+
+# Run first in the reader process (named: it is another process): Costa Rica's workbook ends the process as a native
+# crash of the spreadsheet library would.
+def crash_on_costa_rica() -> None:
+    import os
+    import signal
+
+    real = reader.read_return
+
+    def read_return(data: bytes, filename: str, *args: Any, **kwargs: Any) -> Any:
+        if "Costa Rica" in filename:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real(data, filename, *args, **kwargs)
+
+    reader.read_return = read_return  # type: ignore[assignment]
+
+
+def test_workbooks_read_in_the_reader_process_and_one_that_crashes_it_is_answered_as_unreadable(local: Any) -> None:
+    """A pass reading in the reader process: a workbook that crashes it makes only that file unreadable (the reply is
+    still applied and answered, in Spanish); the replies before and after it are read as in this process."""
+    engine, clock, requests, inbox = local
+    engine.intake.process_reader_from = 1
+    engine.intake.reader_initializer = "tests.test_intake:crash_on_costa_rica"
+    _three_replies(requests, inbox)
+    clock.set(OPENS + timedelta(hours=1))
+    report = engine.tick()
+    assert report.inbox.by_outcome == {"applied": 3} and report.inbox.moved == 3
+    rows = {row.delegation: row for row in engine.store.inbound_rows()}
+    [costa_rica] = engine.store.attachments(rows["CR"].id)
+    assert (costa_rica.status, costa_rica.reason_code) == ("unreadable", "reader_stopped")
+    for delegation in ("HN", "SV"):
+        [attachment] = engine.store.attachments(rows[delegation].id)
+        assert (attachment.status, attachment.filled) == ("parsed", 1)
+    states = {d.id: d.state.value for d in engine.status(clock.now())[0].delegations}
+    assert states["HN"] == "partial" and states["SV"] == "partial" and states["CR"] == "awaiting"
+    follow_ups = {row.delegation: row for row in engine.store.outbox() if row.inbound_id is not None}
+    assert {d: row.kind for d, row in follow_ups.items()} == {"HN": "missing", "CR": "unreadable", "SV": "missing"}
+    answer = email.message_from_bytes(engine.store.body(follow_ups["CR"].id), policy=default)
+    assert "el archivo detuvo el programa que lo lee" in answer.get_body(("plain",)).get_content()
+    assert engine.tick().inbox.read == 0
+
+
+def test_the_same_reply_twice_in_one_pass_read_in_the_reader_process_is_recorded_once(local: Any) -> None:
+    """The second copy is started (its workbook handed to the reader) before the first is recorded; it is still
+    found to be the same message when its turn comes, and its reading is dropped."""
+    engine, clock, requests, inbox = local
+    engine.intake.process_reader_from = 1
+    name, data = workbook_of(requests["HN"])
+    raw = reply_to(
+        requests["HN"], sender="enlace@sre.example.hn", attachments=[(name, fill_workbook(data, {"1.1": "DGME"}))]
+    )
+    inbox.add(raw)
+    inbox.add(raw)
+    clock.set(OPENS + timedelta(hours=1))
+    report = engine.tick()
+    assert report.inbox.by_outcome == {"applied": 1, "duplicate": 1}
+    [applied] = engine.store.inbound_rows(outcome="applied")
+    [duplicate] = engine.store.inbound_rows(outcome="duplicate")
+    assert duplicate.duplicate_of == applied.id
+    assert [row.kind for row in engine.store.outbox() if row.inbound_id is not None] == ["missing"]

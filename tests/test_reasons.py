@@ -33,6 +33,7 @@ SAMPLE_PARAMS = {
     "delegation": "Costa Rica",
     "checks": "dmarc=fail",
     "failed": "enlace@sre.example.hn 5.1.1",
+    "seconds": "60",
 }
 
 

@@ -48,8 +48,9 @@ from mailflow.workbook import MasterLayout
 
 log = logging.getLogger("mailflow")
 
-READER_MEMORY_BYTES = 1 << 30
-"""Address space a worker may use (``RLIMIT_AS``): a file that needs more is refused, mailflow goes on."""
+READER_MEMORY_BYTES = 4 << 30
+"""Address space a worker may use (``RLIMIT_AS``): a file that needs more is refused, mailflow goes on. (The most
+cells :class:`~mailflow.returns.ReturnLimits` lets through need about 1.2 GiB.)"""
 READ_SECONDS = 60.0
 """Longest wait for one reading: a worker that takes longer is stopped, and that file is ``unreadable``."""
 MAX_WORKER_DEATHS = 2

@@ -36,7 +36,7 @@ import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn, cast
 from xml.parsers import expat
@@ -1333,7 +1333,7 @@ def _find_plan(
     layout: MasterLayout,
 ) -> _Plan:
     """The first sheet (visible ones first) whose first rows hold both headers and whose keys are the plan's."""
-    master_keys = set(layout.keys)
+    master_keys = layout.positions  # the plan's keys, as a dict worked out once per layout
     best_partial: tuple[str, _HeaderMatch] | None = None
     unrelated: tuple[str, str, list[str]] | None = None
     for name in _visibility_order(metadata):
@@ -1403,7 +1403,7 @@ def _cell(cells: Sequence[CellValue], index: int) -> str:
     return cell_text(cells[index]) if index < len(cells) else ""
 
 
-def _has_key(plan: _Plan, keys: set[str]) -> bool:
+def _has_key(plan: _Plan, keys: Container[str]) -> bool:
     key = plan.header.key
     assert key is not None
     return any(_cell(cells, key) in keys for cells in plan.grid[plan.header.index + 1 :])
@@ -1482,9 +1482,13 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
     # only those are compared cell by cell. The key closes both tuples so
     # that they are tuples even with one compared column.
     returned_cells = operator.itemgetter(*(returned for _, returned, _ in pairs), key)
-    master_cells = operator.itemgetter(*(index for index, _, _ in pairs), layout.key_col - 1)
-    columns = len(layout.headers)
-    master_get = layout.by_key.get
+    # The master's side of that comparison: the same cells of each master
+    # row, taken from its columns ("" beyond a row's values, as before).
+    master_columns = {index: layout.column(index) for index, _, _ in pairs}
+    master_keys = layout.column(layout.key_col - 1)
+    master_cells = list(zip(*(master_columns[index] for index, _, _ in pairs), master_keys, strict=True))
+    keys = layout.keys
+    position = layout.positions.get
     found: dict[str, str] = {}
     seen: set[str] = set()
     added: list[RowChange] = []
@@ -1494,8 +1498,8 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
         row_key = cell_text(value)
         if not row_key:
             continue
-        expected = master_get(row_key)
-        if expected is None:
+        at = position(row_key)
+        if at is None:
             added.append(RowChange(row_key, top + offset, "", "", _summary(cells, key)))
             continue
         value = cells[fill]
@@ -1509,27 +1513,28 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
         seen.add(row_key)
         if answered:
             found[row_key] = answer
-        values = expected.values
-        if len(values) < columns:
-            values += ("",) * (columns - len(values))
-        if returned_cells(cells) == master_cells(values):
+        if returned_cells(cells) == master_cells[at]:
             continue
         for master_index, returned_index, column in pairs:
-            before = values[master_index]
+            before = master_columns[master_index][at]
             raw = cells[returned_index]
             if raw == before:
                 continue
             after = cell_text(raw)
             if after.split() != before.split():
                 changed.append(RowChange(row_key, top + offset, column, before, after))
-    answers = {row.key: found[row.key] for row in layout.rows if row.key in found}
+    answers = {plan_key: found[plan_key] for plan_key in keys if plan_key in found}
     return ReturnReading(
         status=STATUS_PARSED,
         reason=None,
         answers=answers,
-        missing=tuple(row.key for row in layout.rows if row.key not in answers),
+        missing=tuple(plan_key for plan_key in keys if plan_key not in answers),
         added=tuple(added),
-        deleted=tuple(RowChange(row.key, 0, "", row.label, "") for row in layout.rows if row.key not in seen),
+        deleted=tuple(
+            RowChange(plan_key, 0, "", label, "")
+            for plan_key, label in zip(keys, layout.labels, strict=True)
+            if plan_key not in seen
+        ),
         changed=tuple(changed),
         fingerprint=fingerprint,
         sheet=plan.sheet,

@@ -31,7 +31,7 @@ import unicodedata
 import xml.etree.ElementTree as ET
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from copy import copy
 from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
@@ -224,9 +224,20 @@ class PlanRow:
     """Text of every column under a header, in header order (what a returned copy is compared with)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class MasterLayout:
-    """Where the plan lives in a workbook and which rows it has."""
+    """Where the plan lives in a workbook and which rows it has.
+
+    The rows are kept column by column, as a few tuples of strings and numbers
+    (:attr:`keys`, :attr:`columns`, ...) rather than thousands of objects: a
+    large plan then loads fast from the cache, and Python's cyclic garbage
+    collector has next to nothing to visit (tuples of strings are not
+    tracked). :attr:`rows` and :attr:`by_key` give the same rows as
+    :class:`PlanRow` objects, built the first time they are asked for and
+    never pickled (see :meth:`__reduce__`).
+
+    Made from its rows, ``MasterLayout(sheet, header_row, key_col, fill_col,
+    headers, rows)``, or column by column with :meth:`from_columns`."""
 
     sheet: str
     header_row: int
@@ -237,18 +248,125 @@ class MasterLayout:
     """1-based column to be filled."""
     headers: tuple[str, ...]
     """Header texts as found, trailing empty cells dropped."""
-    rows: tuple[PlanRow, ...]
-    """Rows with a non-empty key, in sheet order."""
+    keys: tuple[str, ...]
+    """The key of each row with a non-empty key, in sheet order."""
+    row_numbers: tuple[int, ...]
+    """Each row's 1-based sheet row."""
+    fills: tuple[str, ...]
+    """Each row's text in the fill column, ``""`` when empty."""
+    labels: tuple[str, ...]
+    """Each row's short human label (see :attr:`PlanRow.label`)."""
+    columns: tuple[tuple[str, ...], ...]
+    """Header by header, each row's text under it: ``columns[c][i]`` is ``rows[i].values[c]``, or ``""``
+    where that row has fewer values."""
+    widths: tuple[int, ...] | None
+    """How many values each row has, or None when every row has ``len(columns)`` (as in any parsed layout)."""
+
+    def __init__(
+        self,
+        sheet: str,
+        header_row: int,
+        key_col: int,
+        fill_col: int,
+        headers: tuple[str, ...],
+        rows: Sequence[PlanRow],
+    ) -> None:
+        rows = tuple(rows)
+        widths = tuple(len(row.values) for row in rows)
+        width = max(widths, default=0)
+        padding = ("",) * width
+        made = MasterLayout.from_columns(
+            sheet,
+            header_row,
+            key_col,
+            fill_col,
+            headers,
+            tuple(row.key for row in rows),
+            tuple(row.row for row in rows),
+            tuple(row.fill for row in rows),
+            tuple(row.label for row in rows),
+            tuple(zip(*(row.values + padding[count:] for row, count in zip(rows, widths, strict=True)), strict=True))
+            if rows
+            else ((),) * width,
+            None if all(count == width for count in widths) else widths,
+        )
+        # The fields are the columns just made; the rows are kept as given, not built again.
+        self.__dict__.update(made.__dict__, rows=rows)
+
+    @classmethod
+    def from_columns(
+        cls,
+        sheet: str,
+        header_row: int,
+        key_col: int,
+        fill_col: int,
+        headers: tuple[str, ...],
+        keys: tuple[str, ...],
+        row_numbers: tuple[int, ...],
+        fills: tuple[str, ...],
+        labels: tuple[str, ...],
+        columns: tuple[tuple[str, ...], ...],
+        widths: tuple[int, ...] | None = None,
+    ) -> MasterLayout:
+        """The layout of rows given column by column: every tuple after ``headers`` has one entry per key."""
+        per_row: list[tuple[object, ...]] = [row_numbers, fills, labels, *columns]
+        if widths is not None:
+            per_row.append(widths)
+        if any(len(values) != len(keys) for values in per_row):
+            raise ValueError("a MasterLayout needs one entry per key in every column")
+        layout = cls.__new__(cls)
+        # Frozen: the fields are set once, here, as a dataclass's own __init__ would.
+        layout.__dict__.update(
+            sheet=sheet,
+            header_row=header_row,
+            key_col=key_col,
+            fill_col=fill_col,
+            headers=headers,
+            keys=keys,
+            row_numbers=row_numbers,
+            fills=fills,
+            labels=labels,
+            columns=columns,
+            widths=widths,
+        )
+        return layout
+
+    def __reduce__(self) -> tuple[Callable[..., MasterLayout], tuple[object, ...]]:
+        # Pickled (and so cached) column by column: never the rows, the index
+        # or anything else worked out from the columns.
+        fields = (self.sheet, self.header_row, self.key_col, self.fill_col, self.headers, self.keys)
+        return MasterLayout.from_columns, (
+            *fields,
+            self.row_numbers,
+            self.fills,
+            self.labels,
+            self.columns,
+            self.widths,
+        )
+
+    def column(self, index: int) -> tuple[str, ...]:
+        """Each row's text under header ``index`` (0-based; ``""`` for every row beyond the columns)."""
+        if index < len(self.columns):
+            return self.columns[index]
+        return ("",) * len(self.keys)
 
     @functools.cached_property
-    def keys(self) -> tuple[str, ...]:
-        """The keys of :attr:`rows`, in sheet order (worked out once: a plan may have thousands)."""
-        return tuple(row.key for row in self.rows)
+    def rows(self) -> tuple[PlanRow, ...]:
+        """Rows with a non-empty key, in sheet order (built once from the columns)."""
+        values: Iterable[tuple[str, ...]] = zip(*self.columns, strict=True) if self.columns else [()] * len(self.keys)
+        if self.widths is not None:
+            values = (row[:width] for row, width in zip(values, self.widths, strict=True))
+        return tuple(map(PlanRow, self.keys, self.row_numbers, self.fills, self.labels, values))
 
     @functools.cached_property
     def by_key(self) -> dict[str, PlanRow]:
         """Each row by its key (worked out once; not to be changed)."""
         return {row.key: row for row in self.rows}
+
+    @functools.cached_property
+    def positions(self) -> dict[str, int]:
+        """Each key's index in :attr:`keys` (worked out once; not to be changed)."""
+        return {key: index for index, key in enumerate(self.keys)}
 
 
 CellValue = int | float | str | bool | time | date | datetime | timedelta | None
@@ -486,7 +604,9 @@ def _layout(
     # Both columns have a header, so both are within ``headers``.
     width = len(headers)
     padding = ("",) * width
-    rows: list[PlanRow] = []
+    table: list[tuple[str, ...]] = []
+    numbers: list[int] = []
+    labels: list[str] = []
     for index in range(header.index + 1, len(grid)):
         cells = grid[index]
         if key_index >= len(cells) or not cell_text(cells[key_index]):
@@ -494,33 +614,40 @@ def _layout(
         values = tuple(map(cell_text, cells[:width]))
         if len(values) < width:
             values += padding[len(values) :]
-        label = _label(cells[key_index + 1]) if key_index + 1 < len(cells) else ""
-        rows.append(PlanRow(key=values[key_index], row=index + 1, fill=values[fill_index], label=label, values=values))
+        table.append(values)
+        numbers.append(index + 1)
+        labels.append(_label(cells[key_index + 1]) if key_index + 1 < len(cells) else "")
 
     key_header = header.texts[key_index]
-    if not rows:
+    if not table:
         raise WorkbookError(
             f"workbook {source} has no rows with a value in column {key_header!r} below the headers "
             f"(sheet {name!r}, row {header.index + 1}); give every action its code"
         )
-    if len({row.key for row in rows}) < len(rows):
-        _duplicate_keys(rows, source, key_header, name)
-    return MasterLayout(
+    columns = tuple(zip(*table, strict=True))
+    keys = columns[key_index]
+    if len(set(keys)) < len(keys):
+        _duplicate_keys(keys, numbers, source, key_header, name)
+    return MasterLayout.from_columns(
         sheet=name,
         header_row=header.index + 1,
         key_col=key_index + 1,
         fill_col=fill_index + 1,
         headers=tuple(headers),
-        rows=tuple(rows),
+        keys=keys,
+        row_numbers=tuple(numbers),
+        fills=columns[fill_index],
+        labels=tuple(labels),
+        columns=columns,
     )
 
 
-def _duplicate_keys(rows: Sequence[PlanRow], source: str, key_header: str, name: str) -> NoReturn:
+def _duplicate_keys(keys: Sequence[str], numbers: Sequence[int], source: str, key_header: str, name: str) -> NoReturn:
     seen: dict[str, list[int]] = {}
-    for row in rows:
-        seen.setdefault(row.key, []).append(row.row)
-    duplicates = {key: numbers for key, numbers in seen.items() if len(numbers) > 1}
-    listed = "; ".join(f"{key} (rows {', '.join(map(str, numbers))})" for key, numbers in duplicates.items())
+    for key, number in zip(keys, numbers, strict=True):
+        seen.setdefault(key, []).append(number)
+    duplicates = {key: rows for key, rows in seen.items() if len(rows) > 1}
+    listed = "; ".join(f"{key} (rows {', '.join(map(str, rows))})" for key, rows in duplicates.items())
     raise WorkbookError(
         f"workbook {source} has duplicate keys in column {key_header!r} on sheet {name!r}: {listed}; "
         "every action needs its own code"
@@ -1020,8 +1147,8 @@ def _base_copy(data: bytes, layout: MasterLayout, note: str, placeholder: str, s
     comment.width = 320
     comment.height = 90
     header.comment = comment
-    for row in layout.rows:
-        cell = sheet.cell(row=row.row, column=layout.fill_col)
+    for number in layout.row_numbers:
+        cell = sheet.cell(row=number, column=layout.fill_col)
         cell.fill = fill
         cell.border = border
         cell.protection = Protection(locked=False)

@@ -5,6 +5,7 @@ shipped sample plan."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -435,6 +436,57 @@ def test_a_slow_master_is_kept_between_runs_identical_to_a_fresh_read(
     assert pickle.dumps(kept) == pickle.dumps(fresh)
     assert [row.fill for row in kept.rows] == ["Patronato Nacional", "Patronato Nacional", "DGME", ""]
     assert kept.rows[0].values[4] == "2018-06-30"
+
+
+def test_a_layout_keeps_its_rows_by_column_and_builds_the_same_rows_from_them(tmp_path: Path) -> None:
+    parsed = read_master(varied_workbook(tmp_path / "plan.xlsx"), "Código", "Responsable")
+    assert "rows" not in vars(parsed)  # built the first time they are asked for
+    rows = parsed.rows
+    assert len(rows) == len(parsed.keys) == 4 and parsed.widths is None
+    for index, row in enumerate(rows):
+        values = tuple(column[index] for column in parsed.columns)
+        assert row == PlanRow(
+            parsed.keys[index], parsed.row_numbers[index], parsed.fills[index], parsed.labels[index], values
+        )
+        assert (row.key, row.fill) == (values[parsed.key_col - 1], values[parsed.fill_col - 1])
+    assert parsed.rows is rows
+    assert parsed.by_key == {row.key: row for row in rows}
+    assert parsed.positions == {row.key: index for index, row in enumerate(rows)}
+    # Made from those rows, the layout is the same one.
+    made = MasterLayout(parsed.sheet, parsed.header_row, parsed.key_col, parsed.fill_col, parsed.headers, rows)
+    assert made == parsed and hash(made) == hash(parsed) and repr(made) == repr(parsed)
+    assert made.rows is rows
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.sheet = "Other"  # type: ignore[misc]
+
+
+def test_a_layout_made_from_uneven_rows_gives_them_back_as_they_were() -> None:
+    rows = (
+        PlanRow("1", 2, "a", "One", ("1", "a", "x")),
+        PlanRow("2", 3, "", "Two", ("2",)),
+        PlanRow("3", 4, "", "Three"),
+    )
+    layout = MasterLayout("Plan", 1, 1, 2, ("Code", "Responsible", "Note"), rows)
+    assert layout.widths == (3, 1, 0)
+    assert layout.columns == (("1", "2", ""), ("a", "", ""), ("x", "", ""))
+    assert layout.column(1) == ("a", "", "") and layout.column(7) == ("", "", "")
+    restored = pickle.loads(pickle.dumps(layout))
+    assert restored == layout and restored.rows == rows and restored.rows is not rows
+    empty = MasterLayout("Plan", 1, 1, 2, ("Code", "Responsible"), ())
+    assert pickle.loads(pickle.dumps(empty)).rows == () and empty.column(0) == ()
+    with pytest.raises(ValueError, match="one entry per key"):
+        MasterLayout.from_columns("Plan", 1, 1, 2, ("Code",), ("1", "2"), (2, 3), ("", ""), ("", ""), (("1",),))
+
+
+def test_a_pickled_layout_holds_its_columns_and_nothing_worked_out_from_them() -> None:
+    layout = read_master(SAMPLE_PLAN, "Code", "Responsible")
+    data = pickle.dumps(layout, protocol=pickle.HIGHEST_PROTOCOL)
+    assert b"PlanRow" not in data
+    assert (len(layout.rows), len(layout.by_key), len(layout.positions)) == (40, 40, 40)
+    assert pickle.dumps(layout, protocol=pickle.HIGHEST_PROTOCOL) == data
+    restored = pickle.loads(data)
+    assert not {"rows", "by_key", "positions"} & vars(restored).keys()
+    assert restored == layout and restored.rows == layout.rows and restored.by_key == layout.by_key
 
 
 def test_the_kept_layout_follows_the_workbook_columns_and_sheet(

@@ -24,7 +24,6 @@ place, and at most :data:`MAX_ENTRIES_PER_KIND` entries of a kind are kept
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import pickle
@@ -34,7 +33,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any, TypeVar, cast
 
-from mailflow import __version__
+from mailflow import __version__, collector
 
 __all__ = ["DEFAULT_MIN_SECONDS", "MAX_ENTRIES_PER_KIND", "cache_folder", "cached", "file_stamps"]
 
@@ -163,13 +162,8 @@ class _Entry:
                 raw = handle.read()
             # Unpickling makes many objects at once: no collection pass
             # halfway through (it can cost more than the load itself).
-            enabled = gc.isenabled()
-            gc.disable()
-            try:
+            with collector.paused():
                 key, recorded, value = pickle.loads(raw)
-            finally:
-                if enabled:
-                    gc.enable()
             if key != self.key or (expect is not None and not isinstance(value, expect)):
                 return _MISSING
             paths = [Path(path) for path, _, _ in recorded] if callable(stamps) else stamps

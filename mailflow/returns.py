@@ -43,7 +43,7 @@ from xml.parsers import expat
 
 import python_calamine
 
-from mailflow import reasons
+from mailflow import collector, reasons
 from mailflow.workbook import (
     FINGERPRINT_SHEET,
     LABEL_MAX_CHARS,
@@ -1248,7 +1248,10 @@ def read_return(
         inspection = _inspect(data, filename, limits)
         fmt = inspection.format
         try:
-            return _read(data, inspection, layout, key_column, fill_column, limits)
+            # The sheet's rows (a list per row) and what is compared with them
+            # form no cycles: no collection pass over them while they are built.
+            with collector.paused():
+                return _read(data, inspection, layout, key_column, fill_column, limits)
         finally:
             inspection.close()
     except _Verdict as verdict:

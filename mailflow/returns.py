@@ -115,8 +115,11 @@ _MB = 1 << 20
 # Below this many declared bytes a member's compression ratio is not judged:
 # small, very regular XML parts compress far beyond any sane ratio.
 _RATIO_FLOOR = _MB
-_CHUNK = 1 << 20  # decompressed bytes handed on at a time
-_INPUT_CHUNK = 1 << 16  # compressed bytes fed at a time
+# Decompressed bytes handed on at a time, and compressed bytes fed at a time.
+# Small enough for a chunk to be scanned while still in the CPU cache: with
+# 1 MB chunks the preflight of a 5 MB sheet took 4 ms longer.
+_CHUNK = 1 << 16
+_INPUT_CHUNK = 1 << 14
 _SMALL_PART = _MB  # cap when reading parts that are tiny in any real workbook
 # Tag text kept across chunk boundaries by the fast cell scan; a longer run
 # after a '<' is not something Excel, LibreOffice or Google write.
@@ -508,7 +511,7 @@ class _ZipScan:
         return members
 
     def stream(self, member: _Member) -> Iterator[bytes]:
-        """Yield the decompressed bytes of ``member`` in chunks of at most 1 MB.
+        """Yield the decompressed bytes of ``member`` in chunks of at most 64 KB.
 
         Refuses (as a bomb) the member as soon as it yields more than it
         declared, and as damaged when it yields less or its CRC is wrong."""

@@ -626,7 +626,7 @@ def test_built_copy_opens_in_calamine_with_the_same_rows(factory: RequestWorkboo
     assert copy == layout
 
 
-def test_building_leaves_the_master_untouched(tmp_path: Path) -> None:
+def test_building_leaves_the_master_untouched(tmp_path: Path, _private_cache: Path) -> None:
     master = tmp_path / "plan.xlsx"
     master.write_bytes(SAMPLE_PLAN.read_bytes())
     before = hashlib.sha256(master.read_bytes()).hexdigest()
@@ -634,7 +634,9 @@ def test_building_leaves_the_master_untouched(tmp_path: Path) -> None:
     for delegation in ("HN", "GT", "SV"):
         factory.build(make_fingerprint(SECRET, "plan-2017", delegation))
     assert hashlib.sha256(master.read_bytes()).hexdigest() == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["plan.xlsx"]
+    # Nothing beside the master; this test's cache folder (also in tmp_path)
+    # gets the base copy only when openpyxl took 50 ms or more.
+    assert sorted(path.name for path in tmp_path.iterdir() if path != _private_cache) == ["plan.xlsx"]
 
 
 def test_a_returned_copy_can_serve_as_master(tmp_path: Path, factory: RequestWorkbookFactory) -> None:

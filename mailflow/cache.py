@@ -4,7 +4,7 @@
 validated configuration, a master workbook's layout) in a pickle file, and
 gives it back while nothing it depends on has changed:
 
-* **the key**: the SHA-256 of the ``repr`` of what the result is computed
+* **the key**: the BLAKE2b (256 bits) of the ``repr`` of what the result is computed
   from (``key_material``, e.g. a file's text and the environment variables
   it uses), with the kind of entry and mailflow's version;
 * **the stamps**: size and modification time (in nanoseconds) of every file
@@ -24,7 +24,6 @@ place, and at most :data:`MAX_ENTRIES_PER_KIND` entries of a kind are kept
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import stat
@@ -34,6 +33,13 @@ from time import perf_counter
 from typing import Any, TypeVar, cast
 
 from mailflow import __version__, collector
+
+try:
+    # CPython's own BLAKE2, the object hashlib.blake2b names: importing
+    # hashlib would also load OpenSSL (~2 ms of a short command) for nothing.
+    from _blake2 import blake2b
+except ImportError:  # another Python
+    from hashlib import blake2b
 
 __all__ = ["DEFAULT_MIN_SECONDS", "MAX_ENTRIES_PER_KIND", "cache_folder", "cached", "file_stamps"]
 
@@ -207,7 +213,7 @@ class _Entry:
 
 
 def _digest(material: object) -> str:
-    return hashlib.sha256(repr(material).encode("utf-8", "surrogatepass")).hexdigest()
+    return blake2b(repr(material).encode("utf-8", "surrogatepass"), digest_size=32).hexdigest()
 
 
 def _trusted(info: os.stat_result) -> bool:

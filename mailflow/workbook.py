@@ -20,15 +20,12 @@ Three jobs, kept apart:
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
 import io
 import os
 import posixpath
 import re
 import struct
 import unicodedata
-import xml.etree.ElementTree as ET
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -37,13 +34,16 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, NoReturn, cast
+from typing import IO, TYPE_CHECKING, NoReturn, cast
 from xml.parsers import expat
 
 import python_calamine
 
 from mailflow.cache import cached
 from mailflow.errors import WorkbookError
+
+if TYPE_CHECKING:
+    import xml.etree.ElementTree as ET
 
 __all__ = [
     "DEFAULT_FILL_NOTE",
@@ -701,6 +701,11 @@ def fingerprint_token(secret: bytes, campaign: str, delegation: str) -> str:
     if not secret:
         raise ValueError("the fingerprint secret is empty")
     _check_ids(campaign, delegation)
+    # Imported here, as in verify_fingerprint: reading a workbook needs neither
+    # (hashlib loads OpenSSL, ~2 ms of a command that only reads).
+    import hashlib
+    import hmac
+
     message = b"|".join((_TOKEN_CONTEXT, campaign.encode("ascii"), delegation.encode("ascii")))
     return hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
 
@@ -712,6 +717,8 @@ def make_fingerprint(secret: bytes, campaign: str, delegation: str) -> Fingerpri
 
 def verify_fingerprint(fp: Fingerprint, secret: bytes) -> bool:
     """True if ``fp``'s token was made with ``secret`` for its campaign and delegation."""
+    import hmac  # here: see fingerprint_token
+
     try:
         expected = fingerprint_token(secret, fp.campaign, fp.delegation)
     except ValueError:
@@ -796,6 +803,9 @@ def _safe_parser() -> expat.XMLParserType:
 
 def _parse_xml(raw: bytes) -> ET.Element:
     """Parse a small, untrusted XML document into an ElementTree element."""
+    # Imported here: only the fallback to the hidden sheet needs a tree.
+    import xml.etree.ElementTree as ET
+
     builder = ET.TreeBuilder()
     parser = _safe_parser()
 
@@ -820,10 +830,55 @@ def _fingerprint_from_properties(archive: zipfile.ZipFile) -> Fingerprint | None
     raw = _read_member(archive, _CUSTOM_PROPS)
     if raw is None:
         return None
-    for prop in _parse_xml(raw).iter():
-        if _local(prop.tag) == "property" and prop.get("name") == FINGERPRINT_PROPERTY:
-            return next((_parse_fingerprint(child.text) for child in prop), None)
-    return None
+    scan = _PropertyScan(FINGERPRINT_PROPERTY)
+    parser = _safe_parser()
+    parser.StartElementHandler = scan.start
+    parser.EndElementHandler = scan.end
+    parser.CharacterDataHandler = scan.data
+    parser.Parse(raw, True)  # the whole part: a malformed one gives no fingerprint
+    if scan.text is None:
+        return None
+    return _parse_fingerprint("".join(scan.text) or None)
+
+
+class _PropertyScan:
+    """Expat handlers reading the text of the first child of the first ``<property name="wanted">``.
+
+    The text is what ElementTree calls the child's ``text``: up to its first
+    sub-element. ``text`` stays None when there is no such property or it
+    has no child."""
+
+    def __init__(self, wanted: str) -> None:
+        self.wanted = wanted
+        self.depth = 0
+        self.found: int | None = None  # depth of the property, while inside it
+        self.done = False  # the property was found and has ended, or its first child started
+        self.text: list[str] | None = None
+        self.reading = False
+
+    def start(self, name: str, attributes: dict[str, str]) -> None:
+        self.depth += 1
+        self.reading = False
+        if self.done:
+            return
+        if self.found is None:
+            if _local(_qualified(name)) == "property" and attributes.get("name") == self.wanted:
+                self.found = self.depth
+        elif self.depth == self.found + 1:
+            self.text = []
+            self.reading = True
+            self.done = True
+
+    def end(self, _name: str) -> None:
+        if self.depth == self.found:
+            self.done = True
+        self.depth -= 1
+        self.reading = False
+
+    def data(self, text: str) -> None:
+        if self.reading:
+            assert self.text is not None
+            self.text.append(text)
 
 
 def _fingerprint_from_sheet(archive: zipfile.ZipFile) -> Fingerprint | None:
@@ -1050,6 +1105,8 @@ class RequestWorkbookFactory:
             return placeholder, _base_copy(data, layout, note, placeholder, master_path.name)
 
         # The openpyxl pass costs ~0.4 s on a large master: keep its result between runs (tick from cron).
+        import hashlib  # here: see fingerprint_token
+
         layout_digest = hashlib.sha256(repr(layout).encode("utf-8", "surrogatepass")).hexdigest()
         self._placeholder, base = cached(
             "request-copy",

@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from xml.etree import ElementTree
 
 import openpyxl
 import pytest
@@ -717,6 +718,60 @@ def replace_member(data: bytes, name: str, content: bytes | None) -> bytes:
         if content is not None:
             target.writestr(name, content)
     return buffer.getvalue()
+
+
+PROPERTY_FP = f"plan-2017|HN|{'0' * 32}"
+PROPERTIES_NS = (
+    'xmlns="http://schemas.openxmlformats.org/officeDocument/2006/custom-properties" '
+    'xmlns:vt="http://schemas.openxmlformats.org/officeDocument/2006/docPropsVTypes"'
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        f'<property name="mailflow_fingerprint"><vt:lpwstr>{PROPERTY_FP}</vt:lpwstr></property>',
+        f'<property name="other"><vt:lpwstr>x</vt:lpwstr></property><property name="mailflow_fingerprint">'
+        f"<vt:lpwstr> {PROPERTY_FP}\n</vt:lpwstr></property>",
+        '<property name="mailflow_fingerprint"/>',
+        f'<property name="mailflow_fingerprint"/><property name="x"><vt:lpwstr>{PROPERTY_FP}</vt:lpwstr></property>',
+        f'<property name="mailflow_fingerprint"><vt:lpwstr/></property><property name="mailflow_fingerprint">'
+        f"<vt:lpwstr>{PROPERTY_FP}</vt:lpwstr></property>",
+        f'<property name="mailflow_fingerprint"><vt:lpwstr>{PROPERTY_FP}<b/>tail</vt:lpwstr></property>',
+        f'<property name="mailflow_fingerprint"><vt:lpwstr>{PROPERTY_FP[:9]}<!-- c -->{PROPERTY_FP[9:]}</vt:lpwstr>'
+        "</property>",
+        f'<property name="mailflow_fingerprint"><a><vt:lpwstr>{PROPERTY_FP}</vt:lpwstr></a></property>',
+        f'<property vt:name="mailflow_fingerprint"><vt:lpwstr>{PROPERTY_FP}</vt:lpwstr></property>',
+        f'<group><property name="mailflow_fingerprint"><vt:lpwstr>{PROPERTY_FP}</vt:lpwstr></property></group>',
+        f'<property name="mailflow_fingerprint"><vt:lpwstr>{PROPERTY_FP}</vt:lpwstr></property><broken>',
+    ],
+)
+def test_the_property_is_read_as_an_element_tree_reads_it(body: str) -> None:
+    raw = f"<Properties {PROPERTIES_NS}>{body}</Properties>".encode()
+    expected: Fingerprint | None
+    try:  # how the property was read before: a whole ElementTree, then its first match
+        root = ElementTree.fromstring(raw)
+        prop = next(
+            (
+                e
+                for e in root.iter()
+                if e.tag.rpartition("}")[2] == "property" and e.get("name") == FINGERPRINT_PROPERTY
+            ),
+            None,
+        )
+        child = next(iter(prop), None) if prop is not None else None
+        expected = workbook_module._parse_fingerprint(child.text) if child is not None else None
+    except ElementTree.ParseError:
+        expected = None
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("docProps/custom.xml", raw)
+    with zipfile.ZipFile(buffer) as archive:
+        try:
+            found = workbook_module._fingerprint_from_properties(archive)
+        except Exception:
+            found = None  # what _archive_fingerprint makes of an error
+    assert found == expected
 
 
 def test_malformed_property_falls_back_to_the_sheet(factory: RequestWorkbookFactory) -> None:

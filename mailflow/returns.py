@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import operator
 import posixpath
 import re
@@ -1479,11 +1480,85 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
     rows = plan.grid[first:]
     pairs = _column_pairs(layout, header.texts, key, fill)
     # Rows from calamine are all as wide as the sheet; pad any that is not,
-    # so the loop below indexes without checks (it runs for every row).
+    # so that what follows indexes without checks (it runs for every row).
     width = max(key, fill, *(returned for _, returned, _ in pairs)) + 1
-    for cells in rows:
-        if len(cells) < width:
-            cells.extend([""] * (width - len(cells)))
+    if rows and min(map(len, rows)) < width:
+        for cells in rows:
+            if len(cells) < width:
+                cells.extend([""] * (width - len(cells)))
+    row_keys = list(map(cell_text, map(operator.itemgetter(key), rows)))
+    keys = layout.keys
+    if _in_plan_order(row_keys, layout):
+        answers, changed = _compare_in_order(rows, row_keys, top, layout, pairs, fill)
+        added: list[RowChange] = []
+        deleted: tuple[RowChange, ...] = ()
+    else:
+        answers, added, deleted, changed = _compare_row_by_row(rows, row_keys, top, layout, pairs, key, fill)
+    return ReturnReading(
+        status=STATUS_PARSED,
+        reason=None,
+        answers=answers,
+        missing=tuple(itertools.filterfalse(answers.__contains__, keys)),
+        added=tuple(added),
+        deleted=deleted,
+        changed=tuple(changed),
+        fingerprint=fingerprint,
+        sheet=plan.sheet,
+        format=fmt,
+    )
+
+
+def _in_plan_order(row_keys: Sequence[str], layout: MasterLayout) -> bool:
+    """True for the usual return: the keyed rows are the plan's rows, each once, in the plan's order."""
+    return len(layout.positions) == len(layout.keys) and tuple(filter(None, row_keys)) == layout.keys
+
+
+def _compare_in_order(
+    rows: Grid,
+    row_keys: list[str],
+    top: int,
+    layout: MasterLayout,
+    pairs: list[tuple[int, int, str]],
+    fill: int,
+) -> tuple[dict[str, str], list[RowChange]]:
+    """What :func:`_compare_row_by_row` finds when the keyed rows are the plan's rows in order, column by column:
+    (answers, cells changed).
+
+    Each compared column is one tuple compared with the master's column: only
+    the rows of a column that differs are looked at one by one."""
+    offsets = list(itertools.compress(range(len(rows)), row_keys))
+    keyed = [rows[offset] for offset in offsets]
+    keys = layout.keys
+    texts = map(cell_text, map(operator.itemgetter(fill), keyed))
+    # In master order, as the row-by-row walk gives them (the test is is_answer's, inlined for speed).
+    answers = {
+        row_key: text
+        for row_key, text in zip(keys, texts, strict=True)
+        if text and (text[0] not in _DASHES or is_answer(text))
+    }
+    master_columns = {index: layout.column(index) for index, _, _ in pairs}
+    differing: set[int] = set()
+    for master_index, returned_index, _ in pairs:
+        returned = tuple(map(operator.itemgetter(returned_index), keyed))
+        master = master_columns[master_index]
+        if returned != master:
+            differing.update(itertools.compress(range(len(keyed)), map(operator.ne, returned, master)))
+    changed: list[RowChange] = []
+    for at in sorted(differing):
+        changed += _changes(keys[at], top + offsets[at], keyed[at], at, pairs, master_columns)
+    return answers, changed
+
+
+def _compare_row_by_row(
+    rows: Grid,
+    row_keys: list[str],
+    top: int,
+    layout: MasterLayout,
+    pairs: list[tuple[int, int, str]],
+    key: int,
+    fill: int,
+) -> tuple[dict[str, str], list[RowChange], tuple[RowChange, ...], list[RowChange]]:
+    """(answers in master order, rows added, rows deleted, cells changed), walking the rows in order."""
     # One C-level comparison per row finds the (rare) rows with a change;
     # only those are compared cell by cell. The key closes both tuples so
     # that they are tuples even with one compared column.
@@ -1493,23 +1568,19 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
     master_columns = {index: layout.column(index) for index, _, _ in pairs}
     master_keys = layout.column(layout.key_col - 1)
     master_cells = list(zip(*(master_columns[index] for index, _, _ in pairs), master_keys, strict=True))
-    keys = layout.keys
     position = layout.positions.get
     found: dict[str, str] = {}
     seen: set[str] = set()
     added: list[RowChange] = []
     changed: list[RowChange] = []
-    for offset, cells in enumerate(rows):
-        value = cells[key]
-        row_key = cell_text(value)
+    for offset, (cells, row_key) in enumerate(zip(rows, row_keys, strict=True)):
         if not row_key:
             continue
         at = position(row_key)
         if at is None:
             added.append(RowChange(row_key, top + offset, "", "", _summary(cells, key)))
             continue
-        value = cells[fill]
-        answer = cell_text(value)
+        answer = cell_text(cells[fill])
         answered = bool(answer) and (answer[0] not in _DASHES or is_answer(answer))
         if row_key in seen:
             # The same action twice (a copied row): the first answer given wins.
@@ -1519,30 +1590,34 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
         seen.add(row_key)
         if answered:
             found[row_key] = answer
-        if returned_cells(cells) == master_cells[at]:
-            continue
-        for master_index, returned_index, column in pairs:
-            before = master_columns[master_index][at]
-            raw = cells[returned_index]
-            if raw == before:
-                continue
-            after = cell_text(raw)
-            if after.split() != before.split():
-                changed.append(RowChange(row_key, top + offset, column, before, after))
+        if returned_cells(cells) != master_cells[at]:
+            changed += _changes(row_key, top + offset, cells, at, pairs, master_columns)
+    keys = layout.keys
     answers = {plan_key: found[plan_key] for plan_key in keys if plan_key in found}
-    return ReturnReading(
-        status=STATUS_PARSED,
-        reason=None,
-        answers=answers,
-        missing=tuple(plan_key for plan_key in keys if plan_key not in answers),
-        added=tuple(added),
-        deleted=tuple(
-            RowChange(plan_key, 0, "", label, "")
-            for plan_key, label in zip(keys, layout.labels, strict=True)
-            if plan_key not in seen
-        ),
-        changed=tuple(changed),
-        fingerprint=fingerprint,
-        sheet=plan.sheet,
-        format=fmt,
+    deleted = tuple(
+        RowChange(plan_key, 0, "", label, "")
+        for plan_key, label in zip(keys, layout.labels, strict=True)
+        if plan_key not in seen
     )
+    return answers, added, deleted, changed
+
+
+def _changes(
+    row_key: str,
+    row: int,
+    cells: Sequence[CellValue],
+    at: int,
+    pairs: list[tuple[int, int, str]],
+    master_columns: Mapping[int, tuple[str, ...]],
+) -> list[RowChange]:
+    """The compared cells of returned row ``cells`` whose text is not master row ``at``'s (whitespace aside)."""
+    changes: list[RowChange] = []
+    for master_index, returned_index, column in pairs:
+        before = master_columns[master_index][at]
+        raw = cells[returned_index]
+        if raw == before:
+            continue
+        after = cell_text(raw)
+        if after.split() != before.split():
+            changes.append(RowChange(row_key, row, column, before, after))
+    return changes

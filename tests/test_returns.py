@@ -26,6 +26,7 @@ import openpyxl
 import pytest
 from openpyxl.worksheet.worksheet import Worksheet
 
+import mailflow.returns as returns_module
 from mailflow.returns import (
     STATUS_IGNORED,
     STATUS_PARSED,
@@ -358,6 +359,45 @@ def test_rows_added_deleted_and_changed_outside_the_fill_column() -> None:
     assert added.row == max(ROW_OF.values())  # appended after the last row, one row was deleted above
     # Only the real change: re-spacing an action's text is not one.
     assert reading.changed == (RowChange("1.2", ROW_OF["1.2"], "Action", before, "Adopt a single national protocol"),)
+
+
+def test_a_return_in_plan_order_reads_the_same_column_by_column_as_row_by_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def change(sheet: Worksheet) -> None:
+        action = sheet.cell(row=ROW_OF["2.1"], column=4)
+        action.value = f"  {action.value}\n"  # whitespace only: not a change
+        sheet.cell(row=ROW_OF["1.2"], column=4, value="Another action")
+        sheet.cell(row=ROW_OF["3.3"], column=6, value=2024)  # a number where the master has text
+        sheet.cell(row=ROW_OF["4.4"], column=8, value="A note")
+        sheet.cell(row=ROW_OF["4.4"], column=5, value="Another indicator")
+        sheet.cell(row=ROW_OF["5.5"], column=KEY_COL, value=" 5.5 ")  # still the plan's key
+
+    answers: dict[str, object] = {**ALL_ANSWERED, "1.1": "—", "1.3": "  ", "2.2": "- -", "3.1": "n/a", "4.1": 12}
+    del answers["5.1"]
+    data = edit(SAMPLE, change, answers=answers)
+    in_order: list[bool] = []
+    real = returns_module._in_plan_order
+
+    def spy(row_keys: Sequence[str], layout: MasterLayout) -> bool:
+        in_order.append(real(row_keys, layout))
+        return in_order[-1]
+
+    monkeypatch.setattr(returns_module, "_in_plan_order", spy)
+    by_column = read(data)
+    monkeypatch.setattr(returns_module, "_in_plan_order", lambda row_keys, layout: False)
+    by_row = read(data)
+    assert in_order == [True]
+    assert by_column == by_row
+    assert list(by_column.answers) == [key for key in KEYS if key not in ("1.1", "1.3", "2.2", "5.1")]
+    assert by_column.answers["4.1"] == "12" and by_column.missing == ("1.1", "1.3", "2.2", "5.1")
+    assert [(c.key, c.column, c.after) for c in by_column.changed] == [
+        ("1.2", "Action", "Another action"),
+        ("3.3", "Timeframe", "2024"),
+        ("4.4", "Indicator", "Another indicator"),
+        ("4.4", "Observations", "A note"),
+    ]
+    assert not by_column.added and not by_column.deleted
 
 
 def test_a_changed_translated_column_is_named_as_in_the_master() -> None:

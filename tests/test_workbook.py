@@ -461,6 +461,13 @@ def test_a_layout_keeps_its_rows_by_column_and_builds_the_same_rows_from_them(tm
         made.sheet = "Other"  # type: ignore[misc]
 
 
+def test_a_parsed_layout_holds_one_string_per_distinct_text() -> None:
+    layout = parse_workbook(build_sample_plan(actions_per_line=(20,) * 10), "Code", "Responsible")
+    texts = [*layout.labels, *(text for column in layout.columns for text in column)]
+    assert len({id(text) for text in texts}) == len(set(texts)) < len(texts) / 4
+    assert pickle.loads(pickle.dumps(layout)) == layout
+
+
 def test_a_layout_made_from_uneven_rows_gives_them_back_as_they_were() -> None:
     rows = (
         PlanRow("1", 2, "a", "One", ("1", "a", "x")),

@@ -8,6 +8,7 @@ so a regression fails one test instead of killing the run."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import random
@@ -27,6 +28,7 @@ import pytest
 from openpyxl.worksheet.worksheet import Worksheet
 
 import mailflow.returns as returns_module
+import mailflow.workbook as workbook_module
 from mailflow.returns import (
     STATUS_IGNORED,
     STATUS_PARSED,
@@ -398,6 +400,55 @@ def test_a_return_in_plan_order_reads_the_same_column_by_column_as_row_by_row(
         ("4.4", "Observations", "A note"),
     ]
     assert not by_column.added and not by_column.deleted
+
+
+def test_column_by_column_and_row_by_row_agree_on_random_returns_in_plan_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    headers = ("Line", "Code", "Action", "Responsible", "Note")
+    keys = tuple(f"{line}.{action}" for line in range(1, 5) for action in range(1, 6))
+    rows = tuple(
+        PlanRow(
+            key, number, "", f"Action {key}", (f"Line {key[0]}", key, f"Action {key}", "", "x" if number % 3 else "")
+        )
+        for number, key in enumerate(keys, 2)
+    )
+    layout = MasterLayout("Plan", 1, 2, 4, headers, rows)
+    generator = random.Random(20170)
+    odd_values: list[object] = [None, "", "  ", "-", "—", "n/a", 0, 1.5, 2.0, True, " padded ", "Other"]
+    cases: list[returns_module._Plan] = []
+    for _ in range(300):
+        grid: list[list[object]] = [list(headers)]
+        for row in rows:
+            if generator.random() < 0.1:
+                grid.append([generator.choice(odd_values), None, "banner", None, None])  # a row without a key
+            cells: list[object] = list(row.values)
+            cells[3] = generator.choice([f"Institution {row.key}", *odd_values])
+            for column in (0, 2, 4):
+                if generator.random() < 0.15:
+                    cells[column] = generator.choice([*odd_values, f" {cells[column]} ", f"{cells[column]}\n"])
+            if generator.random() < 0.1:
+                cells[1] = f" {row.key} "
+            grid.append(cells[: generator.choice([5, 5, 5, 4])])  # calamine's rows can be short
+        header = workbook_module._HeaderMatch(0, 1, 3, headers)
+        cases.append(returns_module._Plan("Plan", grid, (generator.randrange(3), 0), header))  # type: ignore[arg-type]
+
+    def readings() -> list[ReturnReading]:
+        return [returns_module._compare(copy.deepcopy(case), layout, "xlsx", None) for case in cases]
+
+    taken: list[bool] = []
+    real = returns_module._in_plan_order
+
+    def spy(row_keys: Sequence[str], layout: MasterLayout) -> bool:
+        taken.append(real(row_keys, layout))
+        return taken[-1]
+
+    monkeypatch.setattr(returns_module, "_in_plan_order", spy)
+    by_column = readings()
+    monkeypatch.setattr(returns_module, "_in_plan_order", lambda row_keys, layout: False)
+    assert by_column == readings()
+    assert all(taken) and len(taken) == len(cases)
+    assert sum(bool(reading.changed) for reading in by_column) > 100
 
 
 def test_a_changed_translated_column_is_named_as_in_the_master() -> None:

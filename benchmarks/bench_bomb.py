@@ -1,11 +1,12 @@
 """bomb: a decompression bomb (a 1 MB .xlsx declaring 1 GB inside) rejected in bounded memory.
 
 The bomb is a real .xlsx package (content types, workbook, relationships)
-whose one worksheet is 1 GiB of zeros, written by streaming zeros through
-zlib into the zip member, so it is never held in memory: about 1 MB on disk.
-A second bomb is the same file with its sizes lying: the worksheet declares
-900 KB, so no declared size or ratio gives it away and only the streamed
-decompression under a cap can stop it.
+whose one worksheet is 1 GiB of zeros, streamed through zlib into the zip
+member, so it is never held in memory: about 1 MB on disk. A second bomb
+lies about its size: its worksheet is 1 GiB of well-formed sheet XML (a
+sheet's start, then the same row over and over; 3 MB on disk) and declares
+900 KB, so no declared size or ratio gives it away and, its content being a
+plausible sheet, only the streamed decompression under a cap can stop it.
 
 Measured, each in a child process started by the launcher of
 :mod:`benchmarks.processes` (so the peak RSS is the child's own):
@@ -113,7 +114,7 @@ print(json.dumps({
 
 @dataclass(frozen=True)
 class Sizes:
-    declared: int  # bytes of zeros in the bomb's worksheet
+    declared: int  # bytes of the bomb's worksheet
     runs: int
 
 
@@ -121,16 +122,26 @@ FULL = Sizes(declared=1 << 30, runs=3)
 QUICK = Sizes(declared=256 << 20, runs=1)  # still beyond the 200 MB limit on declared sizes
 
 
-def _write_bomb(path: Path, declared: int) -> None:
-    """An .xlsx package whose worksheet is ``declared`` zero bytes, deflated 1 MiB at a time."""
-    chunk = bytes(1 << 20)
+_SHEET_START = (
+    b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
+    b'<worksheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><sheetData>'
+)
+_SHEET_ROW = b'<row r="1"><c r="A1"><v>0</v></c></row>'
+
+
+def _write_bomb(path: Path, declared: int, *, rows: bool = False) -> None:
+    """An .xlsx package whose worksheet is ``declared`` bytes, deflated 1 MiB at a time: zeros, or (``rows``) a
+    sheet's start and the same row over and over (never closed: a bomb need not end)."""
+    chunk = _SHEET_ROW * ((1 << 20) // len(_SHEET_ROW)) if rows else bytes(1 << 20)
+    start = _SHEET_START if rows else b""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
         archive.writestr("[Content_Types].xml", _CONTENT_TYPES)
         archive.writestr("_rels/.rels", _ROOT_RELS)
         archive.writestr("xl/workbook.xml", _WORKBOOK)
         archive.writestr("xl/_rels/workbook.xml.rels", _WORKBOOK_RELS)
         with archive.open(BOMB_MEMBER, "w") as member:
-            for _ in range(declared // len(chunk)):
+            member.write(start)
+            for _ in range((declared - len(start)) // len(chunk)):
                 member.write(chunk)
 
 
@@ -228,7 +239,8 @@ def run(*, quick: bool = False) -> list[str]:
             _write_bomb(bomb, sizes.declared)
         lying = base / "lying" / ATTACHMENT_NAME
         lying.parent.mkdir()
-        _write_lying_bomb(bomb, lying, LYING_SIZE)
+        _write_bomb(base / "rows.xlsx", sizes.declared, rows=True)
+        _write_lying_bomb(base / "rows.xlsx", lying, LYING_SIZE)
         bomb_size = bomb.stat().st_size
 
         env = child_env(base / "pycache")

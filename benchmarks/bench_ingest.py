@@ -211,7 +211,7 @@ def _reader_peaks() -> Iterator[list[float]]:
             peaks.append(int(line.split()[1]) / 1024)
         return stop(worker, wait=wait)
 
-    _Worker.stop = stop_measured  # type: ignore[method-assign]
+    _Worker.stop = stop_measured  # type: ignore[method-assign,assignment]
     try:
         yield peaks
     finally:

@@ -12,8 +12,10 @@ MISSED), never enforced: the exit code is 0 whenever the benchmarks ran.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,12 +64,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _logging_as_it_was() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     names = [args.only] if args.only else list(BENCHMARKS)
     say(f"benchmarks: {', '.join(names)}{' (quick)' if args.quick else ''}")
     for index, name in enumerate(names):
-        lines = BENCHMARKS[name](args)
+        with _logging_as_it_was():  # `status` runs the CLI in this process, which sets up logging
+            lines = BENCHMARKS[name](args)
         if index:
             print()
         print("\n".join(lines), flush=True)

@@ -204,12 +204,12 @@ def _reader_peaks() -> Iterator[list[float]]:
     peaks: list[float] = []
     stop = _Worker.stop
 
-    def stop_measured(worker: _Worker, *, wait: bool = True) -> int | None:
+    def stop_measured(worker: _Worker, *, kill: bool = False) -> int | None:
         with contextlib.suppress(OSError, ValueError, IndexError):
             status = Path(f"/proc/{worker.process.pid}/status").read_text()
             line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
             peaks.append(int(line.split()[1]) / 1024)
-        return stop(worker, wait=wait)
+        return stop(worker, kill=kill)
 
     _Worker.stop = stop_measured  # type: ignore[method-assign,assignment]
     try:

@@ -303,8 +303,8 @@ class Intake:
         )
         self.process_reader_from = PROCESS_READER_FROM
         """Fewest new messages for which a pass reads workbooks in a reader process."""
-        self.reader_initializer = ""
-        """"module:function" run first in each reader process (tests use it to make one fail)."""
+        self.make_process_reader: Callable[[], ProcessReader] = ProcessReader
+        """Makes the reader process of a pass with many messages (tests give one that fails)."""
         self._contacts: dict[str, str] = {
             address.lower(): d.id for d in self.config.delegations for address in d.contacts
         }
@@ -899,8 +899,8 @@ class Intake:
         """Where this pass reads workbooks: beside it when it has many messages, else (and after a crash) here."""
         if careful or count < self.process_reader_from or not process_reader_available():
             return InlineReader()
-        reader = ProcessReader(initializer=self.reader_initializer)
-        reader.start()  # it imports while this process fetches and parses the first messages
+        reader = self.make_process_reader()
+        reader.start()  # it imports while this process fetches and parses (and reads) the first messages
         return reader
 
     def _take_batch(

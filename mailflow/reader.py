@@ -57,6 +57,8 @@ MAX_WORKER_DEATHS = 2
 """Workers that may die in one pass before the rest of its files are read in this process."""
 
 _HEADER = struct.Struct("!Q")
+_READY = "ready"  # the worker's first frame: imported, ready to read
+_FRAME_SECONDS = 5.0  # for the rest of a frame whose first bytes have come
 _BOOT = (
     "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
     "from mailflow.reader import serve; serve(sys.stdin.buffer, sys.stdout.buffer, sys.argv[2], int(sys.argv[3]))"
@@ -170,6 +172,7 @@ def serve(source: IO[bytes], sink: IO[bytes], initializer: str = "", memory_byte
     if initializer:
         module, _, name = initializer.partition(":")
         getattr(__import__(module, fromlist=[name]), name)()
+    _answer(sink, _READY)
     layouts: dict[int, MasterLayout] = {}
     while True:
         try:
@@ -184,7 +187,14 @@ def serve(source: IO[bytes], sink: IO[bytes], initializer: str = "", memory_byte
             reading: object = read_return(data, filename, layouts[token], key_column, fill_column, limits)
         except Exception as exc:  # read_return never raises for the file: say what did, and go on
             reading = f"{type(exc).__name__}: {exc}"
-        _write_frame(sink, reading)
+        _answer(sink, reading)
+
+
+def _answer(sink: IO[bytes], value: object) -> None:
+    try:
+        _write_frame(sink, value)
+    except OSError:  # mailflow no longer listens (it stopped, or gave up on this worker): nothing left to do
+        os._exit(0)
 
 
 def _limit_memory(memory_bytes: int) -> None:
@@ -237,6 +247,7 @@ class _Worker:
         self.outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.layouts: dict[int, MasterLayout] = {}  # token -> layout the worker holds (kept alive here)
         self.handed: deque[_InWorker] = deque()  # sent, reading not yet received, in order
+        self.ready = False  # the worker said it is ready (its first frame)
         self.feeder = threading.Thread(target=self._feed, name="mailflow-reader-feed", daemon=True)
         self.feeder.start()
 
@@ -252,6 +263,22 @@ class _Worker:
     def receive(self, timeout: float) -> object:
         """The next reading the worker wrote: EOFError if it died, TimeoutError if none came in ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
+        while True:
+            value = self._frame(deadline)
+            if value != _READY or self.ready:
+                return value
+            self.ready = True
+
+    def poll_ready(self) -> bool:
+        """True once the worker has said it is ready (asked before anything is handed over; never waits for it).
+        EOFError if it ended first."""
+        if not self.ready and select.select([self.stdout], [], [], 0)[0]:
+            if self._frame(time.monotonic() + _FRAME_SECONDS) != _READY:
+                raise EOFError
+            self.ready = True
+        return self.ready
+
+    def _frame(self, deadline: float) -> object:
         fd = self.stdout.fileno()
         (size,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size, deadline))
         return pickle.loads(_read_exactly(fd, size, deadline))
@@ -263,18 +290,22 @@ class _Worker:
             except (OSError, ValueError):  # the worker is gone: the reading side finds out
                 return
 
-    def stop(self, *, wait: bool = True) -> int | None:
-        """End the worker (its input closes; it exits after the file in hand) and return its exit code."""
+    def stop(self, *, kill: bool = False) -> int | None:
+        """End the worker; its exit status, or None when it is left to exit by itself.
+
+        Its input closes, so an idle worker exits at once: it is not waited
+        for (:mod:`subprocess` reaps it later). ``kill`` ends one that is busy
+        or hung, and waits for it."""
         self.outbox.put(None)
         self.feeder.join(timeout=5)
         for stream in (self.stdin, self.stdout):
             with contextlib.suppress(OSError):
                 stream.close()
-        try:
-            return self.process.wait(timeout=5 if wait else 0.5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        if kill:
+            with contextlib.suppress(OSError):
+                self.process.kill()
             return self.process.wait()
+        return self.process.poll()
 
 
 def _paths() -> list[str]:
@@ -286,11 +317,19 @@ class ProcessReader:
     """Reads files in one worker process while this one goes on; see the module's text."""
 
     def __init__(
-        self, *, memory_bytes: int = READER_MEMORY_BYTES, read_seconds: float = READ_SECONDS, initializer: str = ""
+        self,
+        *,
+        memory_bytes: int = READER_MEMORY_BYTES,
+        read_seconds: float = READ_SECONDS,
+        initializer: str = "",
+        inline_while_starting: bool = True,
     ) -> None:
+        """``inline_while_starting``: read files here until the worker has started (it takes a moment to import)
+        rather than wait for it; tests that need every file read by the worker turn it off."""
         self.memory_bytes = memory_bytes
         self.read_seconds = read_seconds
         self.initializer = initializer
+        self.inline_while_starting = inline_while_starting
         self.deaths = 0
         self._worker: _Worker | None = None
         self._inline = False
@@ -302,7 +341,7 @@ class ProcessReader:
     def submit(self, job: Job) -> Pending:
         pending = _InWorker(self, job)
         worker = self._current()
-        if worker is None:
+        if worker is None or (self.inline_while_starting and not self._started(worker)):
             pending.reading = job.read()
         else:
             worker.send(pending)
@@ -311,7 +350,7 @@ class ProcessReader:
     def close(self) -> None:
         worker, self._worker = self._worker, None
         if worker is not None:
-            worker.stop()
+            worker.stop(kill=bool(worker.handed))  # readings still coming are not wanted any more
 
     def __enter__(self) -> ProcessReader:
         return self
@@ -329,6 +368,17 @@ class ProcessReader:
                 log.warning("cannot start a reader process (%s): reading workbooks in this process", exc)
                 self._inline = True
         return self._worker
+
+    def _started(self, worker: _Worker) -> bool:
+        """True if ``worker`` is ready to read; one that ended before it was leaves the files to this process."""
+        try:
+            return worker.poll_ready()
+        except (EOFError, OSError, TimeoutError, pickle.UnpicklingError):
+            self._worker = None
+            status = worker.stop(kill=True)
+            log.warning("the reader process ended as it started (exit status %s): reading in this process", status)
+            self._inline = True
+            return False
 
     def _collect_until(self, pending: _InWorker) -> None:
         """Receive readings, in the order the files were handed over, until ``pending`` has its own."""
@@ -359,7 +409,7 @@ class ProcessReader:
 
         A new worker reads the files after it (or this process, once too many have died)."""
         self._worker = None
-        status = worker.stop(wait=False)
+        status = worker.stop(kill=True)
         self.deaths += 1
         waiting = list(worker.handed)
         culprit = waiting[0]

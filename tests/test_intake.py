@@ -275,7 +275,9 @@ def test_workbooks_read_in_the_reader_process_and_one_that_crashes_it_is_answere
     still applied and answered, in Spanish); the replies before and after it are read as in this process."""
     engine, clock, requests, inbox = local
     engine.intake.process_reader_from = 1
-    engine.intake.reader_initializer = "tests.test_intake:crash_on_costa_rica"
+    engine.intake.make_process_reader = lambda: reader.ProcessReader(
+        initializer="tests.test_intake:crash_on_costa_rica", inline_while_starting=False
+    )
     _three_replies(requests, inbox)
     clock.set(OPENS + timedelta(hours=1))
     report = engine.tick()
@@ -300,6 +302,7 @@ def test_the_same_reply_twice_in_one_pass_read_in_the_reader_process_is_recorded
     found to be the same message when its turn comes, and its reading is dropped."""
     engine, clock, requests, inbox = local
     engine.intake.process_reader_from = 1
+    engine.intake.make_process_reader = lambda: reader.ProcessReader(inline_while_starting=False)
     name, data = workbook_of(requests["HN"])
     raw = reply_to(
         requests["HN"], sender="enlace@sre.example.hn", attachments=[(name, fill_workbook(data, {"1.1": "DGME"}))]

@@ -48,7 +48,10 @@ def _jobs() -> list[Job]:
     ]
 
 
-def test_the_reader_process_gives_the_readings_of_this_process_in_the_order_handed_over() -> None:
+@pytest.mark.parametrize("inline_while_starting", [False, True])
+def test_the_reader_process_gives_the_readings_of_this_process_in_the_order_handed_over(
+    inline_while_starting: bool,
+) -> None:
     jobs = _jobs()
     expected = [InlineReader().submit(job).result() for job in jobs]
     assert [r.status for r in expected] == [
@@ -60,7 +63,7 @@ def test_the_reader_process_gives_the_readings_of_this_process_in_the_order_hand
         STATUS_PARSED,
         STATUS_PARSED,
     ]
-    with ProcessReader() as process:
+    with ProcessReader(inline_while_starting=inline_while_starting) as process:
         pending = [process.submit(job) for job in jobs + jobs]  # many in flight before the first is collected
         # Collected out of order, as a caller may: each waits for the readings before it.
         got = {index: pending[index].result() for index in (3, 0, 13, 1, 2, 4, 5, 6, *range(7, 13))}
@@ -85,7 +88,7 @@ def crash_on_marked_files() -> None:
 def test_a_worker_that_dies_costs_the_file_it_was_reading_and_a_new_one_reads_the_rest() -> None:
     good = _filled(40)
     names = ["a.xlsx", "b.xlsx", "crash 1.xlsx", "c.xlsx", "d.xlsx"]
-    with ProcessReader(initializer="tests.test_reader:crash_on_marked_files") as process:
+    with ProcessReader(initializer="tests.test_reader:crash_on_marked_files", inline_while_starting=False) as process:
         pending = [process.submit(_job(good, name)) for name in names]
         readings = [p.result() for p in pending]
         assert process.deaths == 1
@@ -111,7 +114,9 @@ def hang_on_marked_files() -> None:
 
 def test_a_file_that_takes_too_long_is_unreadable_and_its_worker_is_stopped() -> None:
     good = _filled(40)
-    with ProcessReader(initializer="tests.test_reader:hang_on_marked_files", read_seconds=1.5) as process:
+    with ProcessReader(
+        initializer="tests.test_reader:hang_on_marked_files", read_seconds=1.5, inline_while_starting=False
+    ) as process:
         started = time.monotonic()
         readings = [
             p.result() for p in [process.submit(_job(good, name)) for name in ("a.xlsx", "hang.xlsx", "b.xlsx")]
@@ -128,11 +133,44 @@ def test_a_file_that_takes_too_long_is_unreadable_and_its_worker_is_stopped() ->
 def test_after_two_workers_died_the_rest_is_read_in_this_process() -> None:
     good = _filled(40)
     names = ["crash 1.xlsx", "a.xlsx", "crash 2.xlsx", "b.xlsx", "crash 3.xlsx", "c.xlsx"]
-    with ProcessReader(initializer="tests.test_reader:crash_on_marked_files") as process:
+    with ProcessReader(initializer="tests.test_reader:crash_on_marked_files", inline_while_starting=False) as process:
         readings = [p.result() for p in [process.submit(_job(good, name)) for name in names]]
         assert process.deaths == reader_module.MAX_WORKER_DEATHS == 2
     # Read here, "crash 3" is just a file: this process's read_return does not crash on it.
     assert [r.status for r in readings] == [STATUS_UNREADABLE, STATUS_PARSED, STATUS_UNREADABLE] + [STATUS_PARSED] * 3
+
+
+def slow_start() -> None:
+    time.sleep(1.0)
+
+
+def fail_to_start() -> None:
+    raise ImportError("no module named python_calamine (say)")
+
+
+def test_files_are_read_here_while_the_worker_starts_then_by_the_worker() -> None:
+    with ProcessReader(initializer="tests.test_reader:slow_start") as process:
+        process.start()
+        early = [process.submit(_job(_filled(40), f"early {n}.xlsx")) for n in range(3)]
+        worker = process._worker
+        assert worker is not None and not worker.handed  # read here: the worker is still starting
+        assert all(p.result().status == STATUS_PARSED for p in early)
+        deadline = time.monotonic() + 30
+        while not worker.poll_ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        late = process.submit(_job(_filled(7), "late.xlsx"))
+        assert list(worker.handed) == [late]  # handed to the worker, now that it has started
+        assert len(late.result().answers) == 7 and process.deaths == 0
+
+
+def test_a_worker_that_fails_as_it_starts_leaves_the_files_to_this_process() -> None:
+    with ProcessReader(initializer="tests.test_reader:fail_to_start") as process:
+        process.start()
+        assert process._worker is not None
+        process._worker.process.wait(timeout=30)  # it has ended; its output says so
+        reading = process.submit(_job(_filled(40), "a.xlsx")).result()
+        assert reading.status == STATUS_PARSED and len(reading.answers) == 40
+        assert process._worker is None and process.deaths == 0
 
 
 def test_a_reader_that_cannot_start_a_worker_reads_here(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,3 +241,20 @@ def test_a_worker_limits_its_own_memory() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(256 << 20), "refused"]
+
+
+def test_a_worker_left_before_it_started_ends_quietly() -> None:
+    """mailflow stops (a full disk, say) while its worker is still starting: the worker finds nobody listening
+    and ends without a word on the standard error they share (communicate() waits for the worker too)."""
+    script = textwrap.dedent(
+        """
+        from mailflow.reader import ProcessReader
+        reader = ProcessReader(initializer="tests.test_reader:slow_start")
+        reader.start()
+        reader.close()
+        print("closed", flush=True)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "closed\n"
+    assert done.stderr == ""

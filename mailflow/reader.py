@@ -11,8 +11,10 @@ answers the ones before, on the machine's second core.
   process (``python -c``, never a fork of this one, which may run threads)
   that reads files from its standard input, one at a time in the order handed
   over, and writes each reading to its standard output. The master's layout
-  is sent once per layout, not with every file. The worker ends when its
-  input closes, so it never outlives mailflow, even after a ``SIGKILL``.
+  is sent once per layout, not with every file. Until the worker says it
+  has started (its imports take a moment), files are read here rather than
+  waited for. The worker ends when its input closes, so it never outlives
+  mailflow, even after a ``SIGKILL``.
 
   A worker that dies (a native crash of the spreadsheet library, more memory
   than :data:`READER_MEMORY_BYTES`) makes the file it was reading

@@ -363,6 +363,19 @@ def test_rows_added_deleted_and_changed_outside_the_fill_column() -> None:
     assert reading.changed == (RowChange("1.2", ROW_OF["1.2"], "Action", before, "Adopt a single national protocol"),)
 
 
+def _spy_on_plan_order(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each call of ``_in_plan_order`` answered (whether the column-by-column comparison was taken)."""
+    answered: list[bool] = []
+    real = returns_module._in_plan_order
+
+    def spy(row_keys: Sequence[str], layout: MasterLayout) -> bool:
+        answered.append(real(row_keys, layout))
+        return answered[-1]
+
+    monkeypatch.setattr(returns_module, "_in_plan_order", spy)
+    return answered
+
+
 def test_a_return_in_plan_order_reads_the_same_column_by_column_as_row_by_row(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -378,14 +391,7 @@ def test_a_return_in_plan_order_reads_the_same_column_by_column_as_row_by_row(
     answers: dict[str, object] = {**ALL_ANSWERED, "1.1": "—", "1.3": "  ", "2.2": "- -", "3.1": "n/a", "4.1": 12}
     del answers["5.1"]
     data = edit(SAMPLE, change, answers=answers)
-    in_order: list[bool] = []
-    real = returns_module._in_plan_order
-
-    def spy(row_keys: Sequence[str], layout: MasterLayout) -> bool:
-        in_order.append(real(row_keys, layout))
-        return in_order[-1]
-
-    monkeypatch.setattr(returns_module, "_in_plan_order", spy)
+    in_order = _spy_on_plan_order(monkeypatch)
     by_column = read(data)
     monkeypatch.setattr(returns_module, "_in_plan_order", lambda row_keys, layout: False)
     by_row = read(data)
@@ -436,14 +442,7 @@ def test_column_by_column_and_row_by_row_agree_on_random_returns_in_plan_order(
     def readings() -> list[ReturnReading]:
         return [returns_module._compare(copy.deepcopy(case), layout, "xlsx", None) for case in cases]
 
-    taken: list[bool] = []
-    real = returns_module._in_plan_order
-
-    def spy(row_keys: Sequence[str], layout: MasterLayout) -> bool:
-        taken.append(real(row_keys, layout))
-        return taken[-1]
-
-    monkeypatch.setattr(returns_module, "_in_plan_order", spy)
+    taken = _spy_on_plan_order(monkeypatch)
     by_column = readings()
     monkeypatch.setattr(returns_module, "_in_plan_order", lambda row_keys, layout: False)
     assert by_column == readings()

@@ -17,10 +17,12 @@ answers the ones before, on the machine's second core.
   mailflow, even after a ``SIGKILL``.
 
   A worker that dies (a native crash of the spreadsheet library, more memory
-  than :data:`READER_MEMORY_BYTES`) makes the file it was reading
-  ``unreadable`` (:data:`mailflow.reasons.READER_STOPPED`), and a new worker
-  reads the files after it. When no worker can be started, or two have died
-  in one pass, the files are read here, as by :class:`InlineReader`.
+  than :data:`READER_MEMORY_BYTES`) while reading a file hands that file to a
+  new worker; a file that ends two workers is ``unreadable``
+  (:data:`mailflow.reasons.READER_STOPPED`), as is one that takes longer than
+  :data:`READ_SECONDS`, and a new worker reads the files after it. When no
+  worker can be started, or :data:`MAX_WORKER_DEATHS` have died in one pass,
+  the files are read here, as by :class:`InlineReader`.
 
 Both give a :class:`Pending` reading; :meth:`Pending.result` waits for it.
 """
@@ -55,8 +57,9 @@ READER_MEMORY_BYTES = 4 << 30
 cells :class:`~mailflow.returns.ReturnLimits` lets through need about 1.2 GiB.)"""
 READ_SECONDS = 60.0
 """Longest wait for one reading: a worker that takes longer is stopped, and that file is ``unreadable``."""
-MAX_WORKER_DEATHS = 2
-"""Workers that may die in one pass before the rest of its files are read in this process."""
+MAX_WORKER_DEATHS = 4
+"""Workers that may die in one pass before the rest of its files are read in this process (a file that ends a
+worker is read again once, in a new one: two such files)."""
 
 _HEADER = struct.Struct("!Q")
 _READY = "ready"  # the worker's first frame: imported, ready to read
@@ -169,7 +172,10 @@ def serve(source: IO[bytes], sink: IO[bytes], initializer: str = "", memory_byte
     ``initializer`` ("module:function", may be empty) runs first (tests use it to make a worker fail)."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is mailflow's to handle: it closes our input
+    # Ctrl-C, and a service manager's SIGTERM to every process of the service, are mailflow's to handle: it
+    # finishes the message in hand and closes our input, which ends this loop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _limit_memory(memory_bytes)
     if initializer:
         module, _, name = initializer.partition(":")
@@ -223,6 +229,7 @@ class _InWorker:
         self.reader = reader
         self.job = job
         self.reading: ReturnReading | None = None
+        self.retried = False  # handed to a second worker after the first ended reading it
 
     def result(self) -> ReturnReading:
         while self.reading is None:
@@ -406,26 +413,40 @@ class ProcessReader:
                 first.reading = _unread(first.job, reasons.UNEXPECTED, {"error": str(received)})
 
     def _worker_died(self, worker: _Worker, code: str, params: dict[str, str]) -> None:
-        """The worker stopped (or was, for taking too long): the first file it had not answered is the one it was
-        reading, which is ``unreadable`` for the reason ``code``.
+        """The worker stopped (or was, for taking too long) while reading the first file it had not answered.
 
-        A new worker reads the files after it (or this process, once too many have died)."""
+        A worker that ended reading a file is given the file once more, in a
+        new worker: it may have ended for a reason of its own (the kernel's
+        out-of-memory killer, a person). A file that ends a second worker, or
+        took too long, is ``unreadable`` for the reason ``code``. A new worker
+        reads the files after it (this process, once too many have died)."""
         self._worker = None
         status = worker.stop(kill=True)
         self.deaths += 1
         waiting = list(worker.handed)
         culprit = waiting[0]
+        again = code == reasons.READER_STOPPED and not culprit.retried and self.deaths < MAX_WORKER_DEATHS
+        if again:
+            next_step = "it is read again in a new one"
+        elif self.deaths < MAX_WORKER_DEATHS:
+            next_step = "a new one reads the rest"
+        else:
+            next_step = "the rest is read in this process"
         log.error(
             "the reader process stopped (%s; exit status %s) while reading %s: %s",
             code,
             status,
             culprit.job.filename,
-            "a new one reads the rest" if self.deaths < MAX_WORKER_DEATHS else "the rest is read in this process",
+            next_step,
         )
-        culprit.reading = _unread(culprit.job, code, params)
+        if again:
+            culprit.retried = True
+        else:
+            culprit.reading = _unread(culprit.job, code, params)
+            waiting = waiting[1:]
         if self.deaths >= MAX_WORKER_DEATHS:
             self._inline = True
-        for other in waiting[1:]:
+        for other in waiting:
             replacement = self._current()
             if replacement is None:
                 other.reading = other.job.read()

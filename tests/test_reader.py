@@ -85,13 +85,13 @@ def crash_on_marked_files() -> None:
     reader_module.read_return = read_return  # type: ignore[assignment]
 
 
-def test_a_worker_that_dies_costs_the_file_it_was_reading_and_a_new_one_reads_the_rest() -> None:
+def test_a_file_that_ends_two_workers_is_unreadable_and_a_new_one_reads_the_rest() -> None:
     good = _filled(40)
     names = ["a.xlsx", "b.xlsx", "crash 1.xlsx", "c.xlsx", "d.xlsx"]
     with ProcessReader(initializer="tests.test_reader:crash_on_marked_files", inline_while_starting=False) as process:
         pending = [process.submit(_job(good, name)) for name in names]
         readings = [p.result() for p in pending]
-        assert process.deaths == 1
+        assert process.deaths == 2  # the file was given to a second worker, which it ended too
     statuses = [r.status for r in readings]
     assert statuses == [STATUS_PARSED, STATUS_PARSED, STATUS_UNREADABLE, STATUS_PARSED, STATUS_PARSED]
     crashed = readings[2]
@@ -112,7 +112,7 @@ def hang_on_marked_files() -> None:
     reader_module.read_return = read_return  # type: ignore[assignment]
 
 
-def test_a_file_that_takes_too_long_is_unreadable_and_its_worker_is_stopped() -> None:
+def test_a_file_that_takes_too_long_is_unreadable_at_once_and_its_worker_is_stopped() -> None:
     good = _filled(40)
     with ProcessReader(
         initializer="tests.test_reader:hang_on_marked_files", read_seconds=1.5, inline_while_starting=False
@@ -130,12 +130,39 @@ def test_a_file_that_takes_too_long_is_unreadable_and_its_worker_is_stopped() ->
     assert waited < 30  # the hung worker was killed, not waited for
 
 
-def test_after_two_workers_died_the_rest_is_read_in_this_process() -> None:
+# Like crash_on_marked_files, but only the first time a worker reads such a file in this test: the worker died
+# for a reason of its own, not the file's (the flag file is named by the test, in the environment it passes on).
+def crash_once_on_marked_files() -> None:
+    real = reader_module.read_return
+
+    def read_return(data: bytes, filename: str, *args: object, **kwargs: object) -> object:
+        flag = Path(os.environ["MAILFLOW_TEST_CRASHED_ONCE"])
+        if filename.startswith("crash") and not flag.exists():
+            flag.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(data, filename, *args, **kwargs)  # type: ignore[arg-type]
+
+    reader_module.read_return = read_return  # type: ignore[assignment]
+
+
+def test_a_worker_killed_for_a_reason_of_its_own_costs_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILFLOW_TEST_CRASHED_ONCE", str(tmp_path / "crashed"))
+    names = ["a.xlsx", "crash 1.xlsx", "b.xlsx"]
+    with ProcessReader(
+        initializer="tests.test_reader:crash_once_on_marked_files", inline_while_starting=False
+    ) as process:
+        readings = [p.result() for p in [process.submit(_job(_filled(40), name)) for name in names]]
+        assert process.deaths == 1
+    assert (tmp_path / "crashed").exists()
+    assert [(r.status, len(r.answers)) for r in readings] == [(STATUS_PARSED, 40)] * 3
+
+
+def test_after_four_workers_died_the_rest_is_read_in_this_process() -> None:
     good = _filled(40)
     names = ["crash 1.xlsx", "a.xlsx", "crash 2.xlsx", "b.xlsx", "crash 3.xlsx", "c.xlsx"]
     with ProcessReader(initializer="tests.test_reader:crash_on_marked_files", inline_while_starting=False) as process:
         readings = [p.result() for p in [process.submit(_job(good, name)) for name in names]]
-        assert process.deaths == reader_module.MAX_WORKER_DEATHS == 2
+        assert process.deaths == reader_module.MAX_WORKER_DEATHS == 4  # two for each of the first two files
     # Read here, "crash 3" is just a file: this process's read_return does not crash on it.
     assert [r.status for r in readings] == [STATUS_UNREADABLE, STATUS_PARSED, STATUS_UNREADABLE] + [STATUS_PARSED] * 3
 
@@ -258,3 +285,20 @@ def test_a_worker_left_before_it_started_ends_quietly() -> None:
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout == "closed\n"
     assert done.stderr == ""
+
+
+def test_a_worker_lets_mailflow_handle_sigterm_and_sigint() -> None:
+    """A service manager sends SIGTERM to every process of the service, a terminal's Ctrl-C SIGINT to the
+    group: the worker goes on, and ends when mailflow, having finished the message in hand, closes its input."""
+    with ProcessReader(inline_while_starting=False) as process:
+        first = process.submit(_job(_filled(40), "a.xlsx"))
+        assert first.result().status == STATUS_PARSED
+        worker = process._worker
+        assert worker is not None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            worker.process.send_signal(signum)
+        time.sleep(0.2)
+        second = process.submit(_job(_filled(7), "b.xlsx"))
+        assert len(second.result().answers) == 7 and process.deaths == 0
+        assert worker.process.poll() is None
+    assert worker.process.wait(timeout=10) == 0  # its input closed: it ended on its own

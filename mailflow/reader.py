@@ -66,7 +66,8 @@ _READY = "ready"  # the worker's first frame: imported, ready to read
 _FRAME_SECONDS = 5.0  # for the rest of a frame whose first bytes have come
 _BOOT = (
     "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-    "from mailflow.reader import serve; serve(sys.stdin.buffer, sys.stdout.buffer, sys.argv[2], int(sys.argv[3]))"
+    "from mailflow.reader import serve; "
+    "serve(sys.stdin.buffer, sys.stdout.buffer, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))"
 )
 
 
@@ -166,12 +167,20 @@ def _read_exactly(fd: int, size: int, deadline: float) -> bytes:
 # -- the worker's side ----------------------------------------------------------
 
 
-def serve(source: IO[bytes], sink: IO[bytes], initializer: str = "", memory_bytes: int = READER_MEMORY_BYTES) -> None:
+def serve(
+    source: IO[bytes],
+    sink: IO[bytes],
+    initializer: str = "",
+    memory_bytes: int = READER_MEMORY_BYTES,
+    parent: int = 0,
+) -> None:
     """The worker: read each file sent on ``source``, write its reading to ``sink``, until ``source`` ends.
 
-    ``initializer`` ("module:function", may be empty) runs first (tests use it to make a worker fail)."""
+    ``initializer`` ("module:function", may be empty) runs first (tests use it to make a worker fail);
+    ``parent`` is mailflow's process id: the worker ends with it, even in the middle of a file."""
     import signal
 
+    _die_with(parent)
     # Ctrl-C, and a service manager's SIGTERM to every process of the service, are mailflow's to handle: it
     # finishes the message in hand and closes our input, which ends this loop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -202,6 +211,26 @@ def _answer(sink: IO[bytes], value: object) -> None:
     try:
         _write_frame(sink, value)
     except OSError:  # mailflow no longer listens (it stopped, or gave up on this worker): nothing left to do
+        os._exit(0)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel end this process when ``parent`` ends (Linux; elsewhere the end of the input does it, once
+    the file in hand is read).
+
+    Strictly, when the thread of ``parent`` that started this process ends: a
+    reader is made, used and closed by one thread, within one pass."""
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError, ImportError):
+        return
+    if os.getppid() != parent:  # it ended before the request was made
         os._exit(0)
 
 
@@ -244,7 +273,7 @@ class _Worker:
         self.process = subprocess.Popen(
             # -S: no site initialisation (the paths it adds are in ``sys.path`` already; mailflow's own folder
             # is added, as an editable install finds mailflow through a hook of site's).
-            [sys.executable, "-S", "-c", _BOOT, json.dumps(_paths()), initializer, str(memory_bytes)],
+            [sys.executable, "-S", "-c", _BOOT, json.dumps(_paths()), initializer, str(memory_bytes), str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
@@ -305,16 +334,15 @@ class _Worker:
         Its input closes, so an idle worker exits at once: it is not waited
         for (:mod:`subprocess` reaps it later). ``kill`` ends one that is busy
         or hung, and waits for it."""
+        if kill:  # first: a feeder blocked on the full pipe of a hung worker then fails at once
+            with contextlib.suppress(OSError):
+                self.process.kill()
         self.outbox.put(None)
         self.feeder.join(timeout=5)
         for stream in (self.stdin, self.stdout):
             with contextlib.suppress(OSError):
                 stream.close()
-        if kill:
-            with contextlib.suppress(OSError):
-                self.process.kill()
-            return self.process.wait()
-        return self.process.poll()
+        return self.process.wait() if kill else self.process.poll()
 
 
 def _paths() -> list[str]:

@@ -899,6 +899,7 @@ class Intake:
         """Where this pass reads workbooks: beside it when it has many messages, else (and after a crash) here."""
         if careful or count < self.process_reader_from or not process_reader_available():
             return InlineReader()
+        log.info("%s new messages: their workbooks are read in a reader process", count)
         reader = self.make_process_reader()
         reader.start()  # it imports while this process fetches and parses (and reads) the first messages
         return reader

@@ -201,6 +201,43 @@ def test_run_answers_an_appended_reply_within_seconds(
 
 
 @pytest.mark.servers
+def test_run_reads_many_replies_at_once_in_a_reader_process_and_leaves_none_behind(
+    tmp_path: Path, smtp_server: SmtpServer, imap_account: ImapAccount, start_run: Callable[..., RunProcess]
+) -> None:
+    """Every delegation answers at once: the service's pass reads the workbooks in a reader process (from its
+    scheduler's thread), answers each, and stops cleanly on SIGTERM with no reader process left."""
+    config = server_config(tmp_path, smtp_server, imap_account)
+    run = start_run(config)
+    requests = requests_of(smtp_server, run)
+    run.wait_for_line(IDLE_LINE)
+    contacts = {d.id: d.contacts[0] for d in load_config(config).delegations}
+    with imap_account.client() as client:  # all within Dovecot's 500 ms before it tells the IDLE session
+        for delegation, request in requests.items():
+            client.append("INBOX", complete_reply(request, contacts[delegation]))
+    for delegation in requests:
+        wait_for_follow_up(smtp_server, delegation)
+    run.wait_for_line("workbooks are read in a reader process")
+    code, _ = run.stop()
+    assert code == 0, run.log
+    assert follow_ups(smtp_server) == sorted((delegation, "receipt") for delegation in requests)
+    assert "Traceback" not in run.log and "reader process stopped" not in run.log, run.log
+    assert _reader_processes_of(run.process.pid) == []
+
+
+def _reader_processes_of(parent: int) -> list[int]:
+    """Running reader processes started by ``parent`` (its process id is their last argument)."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"from mailflow.reader import serve" in arg for arg in argv) and argv[-2:-1] == [str(parent).encode()]:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.servers
 def test_run_reconnects_after_dovecot_restarts_and_processes_what_arrived_meanwhile(
     tmp_path: Path,
     smtp_server: SmtpServer,

@@ -230,29 +230,19 @@ class _Started:
     quarantine: bool = False
     """The message an interrupted pass was reading: set aside, not read again."""
 
-    def discard(self) -> None:
-        """Collect and drop the readings handed over (the message is not recorded as a reply)."""
-        reply = self.prepared.reply if self.prepared is not None else None
-        for file in reply.files if reply is not None else ():
-            if not isinstance(file.outcome, AttachmentResult):
-                file.outcome.result()
-
 
 class _Ahead:
     """The fetched messages, each started up to ``depth`` messages before it is recorded.
 
     Starting a message (:meth:`Intake._start`) hands its workbooks to the
     reader, which reads them while the messages before it are recorded. At
-    most ``max_bytes`` of messages wait, started, at a time (one at least). A
+    most :data:`LOOKAHEAD_BYTES` of messages wait, started, at a time (one at least). A
     mailbox failure is raised once the messages fetched before it are taken."""
 
-    def __init__(
-        self, messages: Iterator[Fetched], start: Callable[[Fetched], _Started], depth: int, max_bytes: int = 0
-    ) -> None:
+    def __init__(self, messages: Iterator[Fetched], start: Callable[[Fetched], _Started], depth: int) -> None:
         self.messages = messages
         self.start = start
         self.depth = max(depth, 1)
-        self.max_bytes = max_bytes or LOOKAHEAD_BYTES
         self.waiting: deque[_Started] = deque()
         self.bytes = 0
         self.failure: MailboxError | None = None
@@ -271,7 +261,7 @@ class _Ahead:
 
     def _fill(self) -> None:
         while (
-            not self.exhausted and len(self.waiting) < self.depth and (not self.waiting or self.bytes < self.max_bytes)
+            not self.exhausted and len(self.waiting) < self.depth and (not self.waiting or self.bytes < LOOKAHEAD_BYTES)
         ):
             try:
                 fetched = next(self.messages, None)
@@ -861,7 +851,7 @@ class Intake:
                 self.store.set_meta(INTAKE_PASS_KEY, PASS_RUNNING)
         reader = self._reader(count, careful=bool(interrupted))
         if interrupted:
-            ahead = _Ahead(messages, lambda fetched: self._start_carefully(fetched, interrupted), 1)
+            ahead = _Ahead(messages, lambda fetched: self._start_carefully(fetched, interrupted, reader), 1)
         else:
             depth = LOOKAHEAD if isinstance(reader, ProcessReader) else 1
             ahead = _Ahead(messages, lambda fetched: self._start(fetched, reader), depth)
@@ -923,25 +913,24 @@ class Intake:
             taken.append((begun.fetched.uid, outcome, inbound_id))
         return True, None
 
-    def _start_carefully(self, fetched: Fetched, interrupted: str) -> _Started:
+    def _start_carefully(self, fetched: Fetched, interrupted: str, reader: Reader) -> _Started:
         """After a crash: commit which message is read before reading it, and set aside the one that was."""
         mark = f"{fetched.folder}/{fetched.uidvalidity}/{fetched.uid}"
         if mark == interrupted:
             return _Started(fetched, quarantine=True)
         with self.store.transaction():  # committed before the message is read
             self.store.set_meta(INTAKE_PASS_KEY, mark)
-        return self._start(fetched, InlineReader())
+        return self._start(fetched, reader)
 
     def _start(self, fetched: Fetched, reader: Reader) -> _Started:
         """Parse a fetched message and prepare its analysis (its workbooks handed to ``reader``); never raises
         for the message's own faults (they are kept for :meth:`_finish`)."""
-        raw = fetched.raw
-        if not raw and fetched.size:
-            return _Started(fetched)  # too large: nothing to read
+        if fetched.too_large:
+            return _Started(fetched)  # nothing to read
         message: inbound.Message | None = None
         try:
-            message = inbound.parse_message(raw, self.message_limits)
-            return _Started(fetched, message, self._prepare(raw, message, None, reader))
+            message = inbound.parse_message(fetched.raw, self.message_limits)
+            return _Started(fetched, message, self._prepare(fetched.raw, message, None, reader))
         except StoreError:
             raise
         except Exception as exc:
@@ -964,7 +953,7 @@ class Intake:
         if begun.quarantine:
             return FAILED, self._quarantine(fetched, now)
         raw = fetched.raw
-        if not raw and fetched.size:
+        if fetched.too_large:
             limit = str(self.config.inbound.max_message_bytes // (1024 * 1024))
             return TOO_LARGE, self._record_plain(
                 fetched,
@@ -980,8 +969,7 @@ class Intake:
                 raise begun.error or MailflowError("the message was not parsed")
             message_id = message.message_id
             seen = self.store.find_inbound(message_id, sha256(raw))
-            if seen is not None:
-                begun.discard()
+            if seen is not None:  # its readings, if any, are passed over as the next ones are received
                 return DUPLICATE, self._record_plain(
                     fetched,
                     now,

@@ -66,6 +66,11 @@ class Fetched:
     raw: bytes
     size: int
 
+    @property
+    def too_large(self) -> bool:
+        """Not downloaded: larger than the limit given to ``fetch``."""
+        return not self.raw and bool(self.size)
+
 
 class MailboxError(MailflowError):
     """The mailbox cannot be reached, refused the login, or failed a command.

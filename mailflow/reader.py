@@ -138,24 +138,20 @@ def _write_frame(stream: IO[bytes], value: object) -> None:
     stream.flush()
 
 
-def _read_frame(stream: IO[bytes]) -> Any:
-    """The next value, or raise EOFError when the stream ends (before or inside a frame)."""
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        raise EOFError
-    (size,) = _HEADER.unpack(header)
-    payload = stream.read(size)
-    if len(payload) < size:
-        raise EOFError
-    return pickle.loads(payload)
+def _read_frame(fd: int, deadline: float | None = None) -> Any:
+    """The next value read from ``fd``: EOFError when it ends (before or inside a frame), TimeoutError when the
+    ``time.monotonic()`` ``deadline`` passes first (None: wait as long as it takes)."""
+    (size,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size, deadline))
+    return pickle.loads(_read_exactly(fd, size, deadline))
 
 
-def _read_exactly(fd: int, size: int, deadline: float) -> bytes:
+def _read_exactly(fd: int, size: int, deadline: float | None) -> bytes:
     chunks: list[bytes] = []
     while size:
-        wait = deadline - time.monotonic()
-        if wait <= 0 or not select.select([fd], [], [], wait)[0]:
-            raise TimeoutError
+        if deadline is not None:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+                raise TimeoutError
         chunk = os.read(fd, min(size, 1 << 20))
         if not chunk:
             raise EOFError
@@ -193,7 +189,7 @@ def serve(
     layouts: dict[int, MasterLayout] = {}
     while True:
         try:
-            message = _read_frame(source)
+            message = _read_frame(source.fileno())
         except EOFError:
             return
         if message[0] == "layout":
@@ -302,7 +298,7 @@ class _Worker:
         """The next reading the worker wrote: EOFError if it died, TimeoutError if none came in ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
-            value = self._frame(deadline)
+            value = _read_frame(self.stdout.fileno(), deadline)
             if value != _READY or self.ready:
                 return value
             self.ready = True
@@ -311,15 +307,10 @@ class _Worker:
         """True once the worker has said it is ready (asked before anything is handed over; never waits for it).
         EOFError if it ended first."""
         if not self.ready and select.select([self.stdout], [], [], 0)[0]:
-            if self._frame(time.monotonic() + _FRAME_SECONDS) != _READY:
+            if _read_frame(self.stdout.fileno(), time.monotonic() + _FRAME_SECONDS) != _READY:
                 raise EOFError
             self.ready = True
         return self.ready
-
-    def _frame(self, deadline: float) -> object:
-        fd = self.stdout.fileno()
-        (size,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size, deadline))
-        return pickle.loads(_read_exactly(fd, size, deadline))
 
     def _feed(self) -> None:
         while (item := self.outbox.get()) is not None:

@@ -1508,6 +1508,11 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
     )
 
 
+def _answered(text: str) -> bool:
+    """:func:`is_answer` for a cell's text (already stripped), with the usual case decided at once."""
+    return bool(text) and (text[0] not in _DASHES or is_answer(text))
+
+
 def _in_plan_order(row_keys: Sequence[str], layout: MasterLayout) -> bool:
     """True for the usual return: the keyed rows are the plan's rows, each once, in the plan's order."""
     return len(layout.positions) == len(layout.keys) and tuple(filter(None, row_keys)) == layout.keys
@@ -1530,12 +1535,8 @@ def _compare_in_order(
     keyed = [rows[offset] for offset in offsets]
     keys = layout.keys
     texts = map(cell_text, map(operator.itemgetter(fill), keyed))
-    # In master order, as the row-by-row walk gives them (the test is is_answer's, inlined for speed).
-    answers = {
-        row_key: text
-        for row_key, text in zip(keys, texts, strict=True)
-        if text and (text[0] not in _DASHES or is_answer(text))
-    }
+    # In master order, as the row-by-row walk gives them.
+    answers = {row_key: text for row_key, text in zip(keys, texts, strict=True) if _answered(text)}
     master_columns = {index: layout.column(index) for index, _, _ in pairs}
     differing: set[int] = set()
     for master_index, returned_index, _ in pairs:
@@ -1581,7 +1582,7 @@ def _compare_row_by_row(
             added.append(RowChange(row_key, top + offset, "", "", _summary(cells, key)))
             continue
         answer = cell_text(cells[fill])
-        answered = bool(answer) and (answer[0] not in _DASHES or is_answer(answer))
+        answered = _answered(answer)
         if row_key in seen:
             # The same action twice (a copied row): the first answer given wins.
             if answered and row_key not in found:

@@ -122,6 +122,7 @@ def _unread(job: Job, code: str, params: dict[str, str]) -> ReturnReading:
     return ReturnReading(
         status=STATUS_UNREADABLE,
         reason=reasons.explain(code, params),
+        answers={},
         format=sniff_format(job.data, job.filename),
         reason_code=code,
         reason_params=params,

@@ -38,8 +38,7 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Container, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, NoReturn, cast
+from typing import Any, Final, NamedTuple, NoReturn, cast
 from xml.parsers import expat
 
 import python_calamine
@@ -136,8 +135,7 @@ _DASHES = frozenset("-‐‑‒–—―−")
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ReturnLimits:
+class ReturnLimits(NamedTuple):
     """What a returned file may cost to read. Anything beyond is ``rejected``."""
 
     max_file_bytes: int = 20 * 1024 * 1024
@@ -153,8 +151,10 @@ class ReturnLimits:
     as they are all built when the file is opened)."""
 
 
-@dataclass(frozen=True)
-class RowChange:
+_DEFAULT_LIMITS = ReturnLimits()
+
+
+class RowChange(NamedTuple):
     """A row the delegation added or deleted, or a cell it changed outside the fill column."""
 
     key: str
@@ -166,16 +166,15 @@ class RowChange:
     after: str
 
 
-@dataclass(frozen=True)
-class ReturnReading:
+class ReturnReading(NamedTuple):
     """What a returned file holds, or why it could not be read."""
 
     status: str
     """``parsed``, ``unreadable``, ``rejected`` or ``ignored``."""
     reason: str | None
     """For people: what is wrong and what to do, in English. None when parsed."""
-    answers: dict[str, str] = field(default_factory=dict)
-    """Master key -> answer, non-empty answers only, in master order."""
+    answers: dict[str, str]
+    """Master key -> answer, non-empty answers only, in master order (empty unless parsed)."""
     missing: tuple[str, ...] = ()
     """Master keys without an answer, in master order (empty unless parsed)."""
     added: tuple[RowChange, ...] = ()
@@ -188,7 +187,7 @@ class ReturnReading:
     ``unknown``) when the file could not be read."""
     reason_code: str | None = None
     """The :mod:`mailflow.reasons` code of ``reason``: it is written in any language from it."""
-    reason_params: Mapping[str, str] = field(default_factory=dict)
+    reason_params: Mapping[str, str] = {}  # read-only (a Mapping): one empty default serves all
 
 
 def is_answer(text: str) -> bool:
@@ -332,14 +331,16 @@ def _ole_format(data: bytes) -> str:
 # --------------------------------------------------------------------------
 
 
-@dataclass
 class _Inspection:
     """What preflight learnt that reading needs: the format, for ODS merged ranges by sheet, and for
     a zip package its directory (read once: the fingerprint is then read from the same directory)."""
 
-    format: str
-    ods_merges: dict[str, list[tuple[tuple[int, int], tuple[int, int]]]] = field(default_factory=dict)
-    archive: zipfile.ZipFile | None = None
+    __slots__ = ("archive", "format", "ods_merges")
+
+    def __init__(self, format: str) -> None:
+        self.format = format
+        self.ods_merges: dict[str, list[tuple[tuple[int, int], tuple[int, int]]]] = {}
+        self.archive: zipfile.ZipFile | None = None
 
     def close(self) -> None:
         if self.archive is not None:
@@ -416,8 +417,7 @@ def _not_a_spreadsheet(filename: str) -> NoReturn:
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 
 
-@dataclass(frozen=True)
-class _Member:
+class _Member(NamedTuple):
     info: zipfile.ZipInfo
     start: int
     """Offset of the compressed data in the file."""
@@ -1241,7 +1241,7 @@ def read_return(
     layout: MasterLayout,
     key_column: str,
     fill_column: str,
-    limits: ReturnLimits = ReturnLimits(),
+    limits: ReturnLimits = _DEFAULT_LIMITS,
 ) -> ReturnReading:
     """Read the answers in a returned workbook, comparing it with the master's ``layout``.
 
@@ -1274,6 +1274,7 @@ def _refused(verdict: _Verdict, fmt: str) -> ReturnReading:
     return ReturnReading(
         status=verdict.status,
         reason=verdict.reason,
+        answers={},
         format=fmt,
         reason_code=verdict.code,
         reason_params=verdict.params,
@@ -1303,8 +1304,7 @@ def _read(
     return _compare(found, layout, fmt, fingerprint)
 
 
-@dataclass
-class _Plan:
+class _Plan(NamedTuple):
     """The sheet holding the plan, as read."""
 
     sheet: str
@@ -1413,13 +1413,13 @@ def _cell(cells: Sequence[CellValue], index: int) -> str:
 def _has_key(plan: _Plan, keys: Container[str]) -> bool:
     key = plan.header.key
     assert key is not None
-    return any(_cell(cells, key) in keys for cells in plan.grid[plan.header.index + 1 :])
+    return any(_cell(cells, key) in keys for cells in plan.grid[plan.header.row + 1 :])
 
 
 def _sample_keys(plan: _Plan) -> list[str]:
     key = plan.header.key
     assert key is not None
-    found = (text for cells in plan.grid[plan.header.index + 1 :] if (text := _cell(cells, key)))
+    found = (text for cells in plan.grid[plan.header.row + 1 :] if (text := _cell(cells, key)))
     return [text for text, _ in zip(found, range(3), strict=False)]
 
 
@@ -1475,7 +1475,7 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
     header = plan.header
     key, fill = header.key, header.fill
     assert key is not None and fill is not None
-    first = header.index + 1
+    first = header.row + 1
     top = plan.origin[0] + first + 1  # 1-based sheet row of the first row below the headers
     rows = plan.grid[first:]
     pairs = _column_pairs(layout, header.texts, key, fill)

@@ -30,11 +30,10 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from copy import copy
-from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, TYPE_CHECKING, NoReturn, cast
+from typing import IO, TYPE_CHECKING, NamedTuple, NoReturn, cast
 from xml.parsers import expat
 
 import python_calamine
@@ -208,8 +207,7 @@ def _same_column_name(first: str, second: str) -> bool:
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PlanRow:
+class PlanRow(NamedTuple):
     """One row of the plan that carries a key (an action)."""
 
     key: str
@@ -224,7 +222,6 @@ class PlanRow:
     """Text of every column under a header, in header order (what a returned copy is compared with)."""
 
 
-@dataclass(frozen=True, init=False)
 class MasterLayout:
     """Where the plan lives in a workbook and which rows it has.
 
@@ -237,7 +234,13 @@ class MasterLayout:
     never pickled (see :meth:`__reduce__`).
 
     Made from its rows, ``MasterLayout(sheet, header_row, key_col, fill_col,
-    headers, rows)``, or column by column with :meth:`from_columns`."""
+    headers, rows)``, or column by column with :meth:`from_columns`. Frozen, and
+    equal to another layout with the same fields (:data:`_LAYOUT_FIELDS`).
+
+    A plain class rather than a dataclass, like the other values of the read
+    path: importing :mod:`dataclasses` (it imports :mod:`inspect`) and making
+    the classes cost a process that reads one return about 9 ms, an eighth
+    of the read (``benchmarks/bench_returns.py``)."""
 
     sheet: str
     header_row: int
@@ -315,7 +318,7 @@ class MasterLayout:
         if any(len(values) != len(keys) for values in per_row):
             raise ValueError("a MasterLayout needs one entry per key in every column")
         layout = cls.__new__(cls)
-        # Frozen: the fields are set once, here, as a dataclass's own __init__ would.
+        # Frozen: the fields are set once, here, past __setattr__.
         layout.__dict__.update(
             sheet=sheet,
             header_row=header_row,
@@ -344,6 +347,28 @@ class MasterLayout:
             self.widths,
         )
 
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(map(self.__dict__.__getitem__, _LAYOUT_FIELDS))
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, MasterLayout)
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in zip(_LAYOUT_FIELDS, self._fields(), strict=True))
+        return f"{type(self).__name__}({shown})"
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError(f"cannot assign to {name!r}: a MasterLayout is frozen")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError(f"cannot delete {name!r}: a MasterLayout is frozen")
+
     def column(self, index: int) -> tuple[str, ...]:
         """Each row's text under header ``index`` (0-based; ``""`` for every row beyond the columns)."""
         if index < len(self.columns):
@@ -367,6 +392,22 @@ class MasterLayout:
     def positions(self) -> dict[str, int]:
         """Each key's index in :attr:`keys` (worked out once; not to be changed)."""
         return {key: index for index, key in enumerate(self.keys)}
+
+
+_LAYOUT_FIELDS = (
+    "sheet",
+    "header_row",
+    "key_col",
+    "fill_col",
+    "headers",
+    "keys",
+    "row_numbers",
+    "fills",
+    "labels",
+    "columns",
+    "widths",
+)
+"""What a :class:`MasterLayout` is made of: what two equal layouts share, and what its repr shows."""
 
 
 CellValue = int | float | str | bool | time | date | datetime | timedelta | None
@@ -513,9 +554,9 @@ def _require_xlsx(data: bytes, source: str) -> None:
 Grid = list[list[CellValue]]
 
 
-@dataclass(frozen=True)
-class _HeaderMatch:
-    index: int  # 0-based row
+class _HeaderMatch(NamedTuple):
+    row: int
+    """0-based row of the grid."""
     key: int | None
     fill: int | None
     texts: tuple[str, ...]
@@ -586,7 +627,7 @@ def _missing_headers_message(
     seen = ", ".join(text for text in match.texts if text)
     return (
         f"workbook {source} has {' and '.join(missing)}{where} "
-        f"(headers found on sheet {name!r}, row {match.index + 1}: {seen})"
+        f"(headers found on sheet {name!r}, row {match.row + 1}: {seen})"
     )
 
 
@@ -607,7 +648,7 @@ def _layout(
     table: list[tuple[str, ...]] = []
     numbers: list[int] = []
     labels: list[str] = []
-    for index in range(header.index + 1, len(grid)):
+    for index in range(header.row + 1, len(grid)):
         cells = grid[index]
         if key_index >= len(cells) or not cell_text(cells[key_index]):
             continue
@@ -622,7 +663,7 @@ def _layout(
     if not table:
         raise WorkbookError(
             f"workbook {source} has no rows with a value in column {key_header!r} below the headers "
-            f"(sheet {name!r}, row {header.index + 1}); give every action its code"
+            f"(sheet {name!r}, row {header.row + 1}); give every action its code"
         )
     # A plan repeats its texts down the rows (a line's name, an indicator, a
     # timeframe): one string per distinct text makes the cached layout a
@@ -634,7 +675,7 @@ def _layout(
         _duplicate_keys(keys, numbers, source, key_header, name)
     return MasterLayout.from_columns(
         sheet=name,
-        header_row=header.index + 1,
+        header_row=header.row + 1,
         key_col=key_index + 1,
         fill_col=fill_index + 1,
         headers=tuple(headers),
@@ -679,8 +720,7 @@ def _spread_merged_fill(grid: Grid, ranges: Sequence[tuple[tuple[int, int], tupl
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Fingerprint:
+class Fingerprint(NamedTuple):
     """Which campaign and delegation a request copy was made for, with its HMAC token."""
 
     campaign: str
@@ -1017,8 +1057,7 @@ def _raw_deflate() -> zlib._Compress:
     return zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
 
 
-@dataclass(frozen=True)
-class _Member:
+class _Member(NamedTuple):
     """One zip entry of the base copy, ready to be written again.
 
     Static entries keep their compressed bytes. An entry holding the
@@ -1080,12 +1119,12 @@ def _split_base(base: bytes, placeholder: bytes) -> tuple[_Member, ...]:
                 placed.add(info.filename)
                 first, *rest = data.split(placeholder)
                 head = stream.compress(first)
-                member = replace(
-                    member, crc=zlib.crc32(first), size=len(first), head=head, paused=stream, tail=tuple(rest)
+                member = member._replace(
+                    crc=zlib.crc32(first), size=len(first), head=head, paused=stream, tail=tuple(rest)
                 )
             else:
                 compressed = stream.compress(data) + stream.flush()
-                member = replace(member, compressed=compressed, crc=zlib.crc32(data), size=len(data))
+                member = member._replace(compressed=compressed, crc=zlib.crc32(data), size=len(data))
             members.append(member)
     if _CUSTOM_PROPS not in placed or len(placed) < 2:
         raise RuntimeError(f"fingerprint placeholder not found where expected (found in: {sorted(placed)})")

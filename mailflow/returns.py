@@ -573,6 +573,9 @@ class _ZipScan:
         xlsx = fmt in (FORMAT_XLSX, FORMAT_XLSM)
         sheets = self._worksheet_parts() if xlsx else set()
         opened = self._parts_opened() if xlsx else None
+        # Parts read as sheets and nothing else need no shared-strings check (a third of the time
+        # spent on a large sheet); with the package laid out otherwise, every part gets every check.
+        sheets_only = sheets - self._shared_strings_parts() if opened is not None else set()
         for member in self.members:
             name = member.info.filename
             if opened is not None and name.lower() not in opened:
@@ -581,7 +584,7 @@ class _ZipScan:
             if fmt == FORMAT_ODS and name == "content.xml":
                 inspection.ods_merges = _scan_ods(self.stream(member), self.limits)
             elif fmt in (FORMAT_XLSX, FORMAT_XLSM) and is_xml:
-                self._check_xlsx_part(member)
+                self._check_xlsx_part(member, strings=name not in sheets_only)
             elif is_xml:
                 _drain(_check_prolog(self._content(member), name))
             else:
@@ -615,6 +618,18 @@ class _ZipScan:
             for identifier, kind, member in self._workbook_targets()
             if identifier in sheet_ids or kind.endswith(_SHEET_TYPES)
         }
+
+    def _shared_strings_parts(self) -> set[str]:
+        """The members a reader may take the shared strings from: ``xl/sharedStrings.xml`` (calamine's
+        fixed name, any case) and whatever a relationship of the workbook names as shared strings."""
+        lowered = self._lowered()
+        found = {member.info.filename for name, member in lowered.items() if name == "xl/sharedstrings.xml"}
+        found |= {
+            member.info.filename
+            for _, kind, member in self._workbook_targets()
+            if kind.lower().endswith(b"/sharedstrings")
+        }
+        return found
 
     def _parts_opened(self) -> set[str] | None:
         """Lower-cased names of the members a reader may open, or None to check every member.
@@ -692,9 +707,10 @@ class _ZipScan:
             self._decompressed[member.info.filename] = data
         return data
 
-    def _check_xlsx_part(self, member: _Member) -> None:
+    def _check_xlsx_part(self, member: _Member, *, strings: bool) -> None:
+        """Check an XML part's cells, and unless ``strings`` is False its shared-strings count."""
         name = member.info.filename
-        if _fast_cells_ok(_check_prolog(self._content(member), name), self.limits):
+        if _fast_cells_ok(_check_prolog(self._content(member), name), self.limits, strings=strings):
             return
         # Something unusual (wide sheet, cells without references, another
         # encoding): count the cells exactly as calamine places them.
@@ -835,8 +851,9 @@ def _fast_digits(limits: ReturnLimits) -> int:
     return digits
 
 
-def _fast_cells_ok(chunks: Iterator[bytes], limits: ReturnLimits) -> bool:
-    """True if every cell of the part is referenced within columns A-Z and the row limit.
+def _fast_cells_ok(chunks: Iterator[bytes], limits: ReturnLimits, *, strings: bool) -> bool:
+    """True if every cell of the part is referenced within columns A-Z and the row limit (and, unless
+    ``strings`` is False, a shared-strings table in it declares a count within the limits).
 
     This is what Excel, LibreOffice, Google Sheets and openpyxl write for a
     plan like ours (``<c r="G12" ...>``), and it bounds the sheet without
@@ -861,20 +878,20 @@ def _fast_cells_ok(chunks: Iterator[bytes], limits: ReturnLimits) -> bool:
             buffer = carry + previous if carry else previous
             cut = buffer.rfind(b"<")
             body, carry = (buffer, b"") if cut < 0 else (buffer[:cut], buffer[cut:])
-            if len(carry) > _MAX_CARRY or not _fast_body_ok(body, digits, limits):
+            if len(carry) > _MAX_CARRY or not _fast_body_ok(body, digits, limits, strings):
                 return False
         previous = chunk
     if previous is not None:
         carry = carry + previous if carry else previous
-    return _fast_body_ok(carry, digits, limits)
+    return _fast_body_ok(carry, digits, limits, strings)
 
 
-def _fast_body_ok(body: bytes, digits: int, limits: ReturnLimits) -> bool:
+def _fast_body_ok(body: bytes, digits: int, limits: ReturnLimits, strings: bool) -> bool:
     if _loose_cell(digits, False).search(body) is not None:
         return False
     if _PREFIXED_HINT.search(body) is not None and _loose_cell(digits, True).search(body) is not None:
         return False
-    if _SST_HINT.search(body) is not None:
+    if strings and _SST_HINT.search(body) is not None:
         for tag in _SST_TAG.findall(body):
             _check_shared_strings_count(tag, limits)
     return True

@@ -647,6 +647,48 @@ def test_parts_no_reader_opens_are_left_compressed_and_nothing_in_them_changes_t
     assert refused.status == STATUS_REJECTED and "decompression bomb" in (refused.reason or "")
 
 
+def test_the_shared_strings_count_is_checked_where_a_reader_may_take_the_strings_from() -> None:
+    """Sheets alone skip the shared-strings check; calamine's fixed name (any case) and any part a
+    workbook relationship calls shared strings keep it, even when they are sheets too."""
+    from mailflow.returns import _OpenZip, _ZipScan
+
+    huge = f'<?xml version="1.0"?><sst xmlns="{MAIN_NS}" uniqueCount="2000000000"><si><t>x</t></si></sst>'
+    plan = ("Plan", rows_xml([("Code", "Responsible"), ("1.1", "DGM")]))
+    strings_rel = f'<Relationship Id="rId9" Type="{REL_NS}/sharedStrings" Target="%s"/>'
+
+    def with_rels(*relationships: str) -> str:
+        return f'<Relationships xmlns="{PKG_REL_NS}">{"".join(relationships)}</Relationships>'
+
+    sheet_rel = f'<Relationship Id="rId1" Type="{REL_NS}/worksheet" Target="worksheets/sheet1.xml"/>'
+    packages = {
+        "fixed name": (xlsx_package([plan], {"xl/sharedStrings.xml": huge}), {"xl/sharedStrings.xml"}),
+        "named by a relationship": (
+            xlsx_package(
+                [plan], {"xl/_rels/workbook.xml.rels": with_rels(sheet_rel, strings_rel % "t.xml"), "xl/t.xml": huge}
+            ),
+            {"xl/t.xml"},
+        ),
+        "a sheet named by a relationship": (
+            xlsx_package(
+                [("Plan", huge)],
+                {"xl/_rels/workbook.xml.rels": with_rels(sheet_rel, strings_rel % "worksheets/sheet1.xml")},
+            ),
+            {"xl/worksheets/sheet1.xml"},
+        ),
+    }
+    for label, (data, expected) in packages.items():
+        with _OpenZip(data) as opened:
+            assert _ZipScan(data, ReturnLimits(), opened)._shared_strings_parts() == expected, label
+        refused = read(data)
+        assert refused.status == STATUS_UNREADABLE, label
+        assert "impossible number of strings" in (refused.reason or ""), label
+    # A table in a part that is only a sheet is no table to a reader: that sheet is read, not refused.
+    only_a_sheet = xlsx_package([("Plan", plan[1]), ("Notes", huge)])
+    with _OpenZip(only_a_sheet) as opened:
+        assert _ZipScan(only_a_sheet, ReturnLimits(), opened)._shared_strings_parts() == set()
+    assert read(only_a_sheet).status == STATUS_PARSED
+
+
 def test_a_package_laid_out_unusually_is_checked_whole() -> None:
     """With the workbook somewhere else than xl/workbook.xml, preflight does not guess what is opened."""
     from mailflow.returns import _OpenZip, _ZipScan
@@ -1144,6 +1186,25 @@ def hostile_files() -> dict[str, tuple[str, bytes]]:
         "shared strings count": (
             "Plan.xlsx",
             xlsx_package([("Plan", rows_xml([("Code",)]))], extra={"xl/sharedStrings.xml": shared}),
+        ),
+        # calamine finds the shared strings by their name in any case.
+        "shared strings count, name in capitals": (
+            "Plan.xlsx",
+            xlsx_package([("Plan", rows_xml([("Code",)]))], extra={"XL/SHAREDSTRINGS.XML": shared}),
+        ),
+        # The table is also a sheet of the workbook: sheets need no shared-strings check, this one does.
+        "shared strings count in a part also read as a sheet": (
+            "Plan.xlsx",
+            xlsx_package(
+                [("Plan", rows_xml([("Code",)])), ("Strings", f'<?xml version="1.0"?>{shared}')],
+                extra={
+                    "xl/_rels/workbook.xml.rels": f'<Relationships xmlns="{PKG_REL_NS}">'
+                    f'<Relationship Id="rId1" Type="{REL_NS}/worksheet" Target="worksheets/sheet1.xml"/>'
+                    f'<Relationship Id="rId2" Type="{REL_NS}/worksheet" Target="sharedStrings.xml"/>'
+                    "</Relationships>",
+                    "xl/sharedStrings.xml": f'<?xml version="1.0"?>{shared}',
+                },
+            ),
         ),
         "xls far cell": ("plan.xls", patched_xls(far_xls_cell)),
         "xls dimensions": ("plan.xls", patched_xls(huge_xls_dimensions)),

@@ -30,7 +30,6 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from copy import copy
-from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import IO, TYPE_CHECKING, NamedTuple, NoReturn, cast
@@ -410,7 +409,12 @@ _LAYOUT_FIELDS = (
 """What a :class:`MasterLayout` is made of: what two equal layouts share, and what its repr shows."""
 
 
-CellValue = int | float | str | bool | time | date | datetime | timedelta | None
+if TYPE_CHECKING:
+    # Only for the types: reading a sheet of text and numbers never imports datetime (see cell_text).
+    from datetime import date, datetime, time, timedelta
+
+    CellValue = int | float | str | bool | time | date | datetime | timedelta | None
+    Grid = list[list[CellValue]]
 
 
 def cell_text(value: CellValue) -> str:
@@ -434,7 +438,10 @@ def cell_text(value: CellValue) -> str:
         return repr(value)
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, datetime | date | time):
+    # Dates and times are rare in a plan: the module is imported for them alone (calamine made them).
+    from datetime import date, time, timedelta
+
+    if isinstance(value, date | time):  # a datetime is a date
         return value.isoformat()
     if isinstance(value, timedelta):
         return str(value)
@@ -551,9 +558,6 @@ def _require_xlsx(data: bytes, source: str) -> None:
         raise WorkbookError(message)
 
 
-Grid = list[list[CellValue]]
-
-
 class _HeaderMatch(NamedTuple):
     row: int
     """0-based row of the grid."""
@@ -603,7 +607,7 @@ def _parse_book(
         # get_sheet_by_name parses the whole sheet: once per sheet, and the
         # rows are then converted only as far as needed.
         calamine_sheet = book.get_sheet_by_name(name)
-        head = cast(Grid, calamine_sheet.to_python(skip_empty_area=False, nrows=HEADER_SCAN_ROWS))
+        head = cast("Grid", calamine_sheet.to_python(skip_empty_area=False, nrows=HEADER_SCAN_ROWS))
         found, partial = _scan_headers(head, key_column, fill_column)
         if found is not None:
             return _layout(calamine_sheet, name, found, source)
@@ -636,7 +640,7 @@ def _layout(
 ) -> MasterLayout:
     assert header.key is not None and header.fill is not None
     key_index, fill_index = header.key, header.fill
-    grid = cast(Grid, calamine_sheet.to_python(skip_empty_area=False))
+    grid = cast("Grid", calamine_sheet.to_python(skip_empty_area=False))
     _spread_merged_fill(grid, calamine_sheet.merged_cell_ranges or [], fill_index)
 
     headers = list(header.texts)

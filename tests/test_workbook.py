@@ -5,19 +5,22 @@ shipped sample plan."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import os
 import pickle
 import random
 import shutil
+import subprocess
+import sys
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
 from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree
 
 import openpyxl
@@ -47,6 +50,9 @@ from mailflow.workbook import (
     read_master,
     verify_fingerprint,
 )
+
+if TYPE_CHECKING:
+    from mailflow.workbook import CellValue
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_PLAN = ROOT / "templates" / "workbooks" / "strategic-plan-2017-2022.xlsx"
@@ -158,10 +164,44 @@ def test_find_column(headers: list[object], wanted: str, expected: int | None) -
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(1.1, "1.1"), (2.0, "2"), (3, "3"), ("2.10", "2.10"), (" 4.2 ", "4.2"), (None, ""), (True, "TRUE")],
+    [
+        (1.1, "1.1"),
+        (2.0, "2"),
+        (3, "3"),
+        ("2.10", "2.10"),
+        (" 4.2 ", "4.2"),
+        (None, ""),
+        (True, "TRUE"),
+        (False, "FALSE"),
+        (1e20, "1e+20"),
+        (datetime.datetime(2017, 5, 1, 9, 30), "2017-05-01T09:30:00"),
+        (datetime.date(2017, 5, 1), "2017-05-01"),
+        (datetime.time(9, 30), "09:30:00"),
+        (datetime.timedelta(hours=36), "1 day, 12:00:00"),
+    ],
 )
-def test_cell_text(value: float | int | str | bool | None, text: str) -> None:
+def test_cell_text(value: CellValue, text: str) -> None:
     assert cell_text(value) == text
+
+
+def test_a_sheet_of_text_and_numbers_is_read_without_importing_datetime(tmp_path: Path) -> None:
+    """Dates are rare in a plan: reading a return imports datetime only for one, and never dataclasses."""
+    data = build_sample_plan(actions_per_line=(3, 3))
+    (tmp_path / "plan.xlsx").write_bytes(data)
+    (tmp_path / "layout.pickle").write_bytes(pickle.dumps(parse_workbook(data, "Code", "Responsible")))
+    code = (
+        "import pickle, sys\n"
+        "from pathlib import Path\n"
+        "from mailflow.returns import read_return\n"
+        "base = Path(sys.argv[1])\n"
+        "layout = pickle.loads((base / 'layout.pickle').read_bytes())\n"
+        "reading = read_return((base / 'plan.xlsx').read_bytes(), 'plan.xlsx', layout, 'Code', 'Responsible')\n"
+        "print(reading.status, len(reading.missing), 'datetime' in sys.modules, 'dataclasses' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["parsed", "6", "False", "False"]
 
 
 # --------------------------------------------------------------------------

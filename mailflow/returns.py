@@ -1575,7 +1575,7 @@ def _compare_in_order(
     Each compared column is one tuple compared with the master's column: only
     the rows of a column that differs are looked at one by one."""
     offsets = list(itertools.compress(range(len(rows)), row_keys))
-    keyed = [rows[offset] for offset in offsets]
+    keyed = list(map(rows.__getitem__, offsets))
     keys = layout.keys
     texts = _texts(map(operator.itemgetter(fill), keyed))
     # In master order, as the row-by-row walk gives them.

@@ -29,7 +29,6 @@ import unicodedata
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from copy import copy
 from pathlib import Path
 from types import MappingProxyType
 from typing import IO, TYPE_CHECKING, NamedTuple, NoReturn, cast
@@ -1223,8 +1222,10 @@ class RequestWorkbookFactory:
 
 def _base_copy(data: bytes, layout: MasterLayout, note: str, placeholder: str, source: str) -> bytes:
     """Return the master with the fill column highlighted and the placeholder fingerprint embedded."""
-    # Imported here: openpyxl is only needed to make request copies, and
-    # importing it costs more than reading a returned workbook.
+    # Imported here: openpyxl (and copy, for its styles) is only needed to make request
+    # copies, and importing it costs more than reading a returned workbook.
+    from copy import copy
+
     from openpyxl import load_workbook
     from openpyxl.comments import Comment
     from openpyxl.packaging.custom import StringProperty

@@ -31,8 +31,10 @@ Two measurements, both printed:
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -202,6 +204,16 @@ def _import_costs(env: dict[str, str], runs: int = 3) -> tuple[float, list[tuple
     return best.get("mailflow.returns", 0.0), direct[:6]
 
 
+def _import_roots() -> list[str]:
+    """Where this process finds mailflow and its dependencies, for children started without site."""
+    roots = [str(Path(__file__).resolve().parent.parent)]
+    for key in ("purelib", "platlib"):
+        folder = sysconfig.get_paths()[key]
+        if folder not in roots:
+            roots.append(folder)
+    return roots
+
+
 def run(*, quick: bool = False) -> list[str]:
     sizes = QUICK if quick else FULL
     actions = sum(sizes.actions_per_line)
@@ -241,6 +253,15 @@ def run(*, quick: bool = False) -> list[str]:
             _measure([*python, "-c", "pass"], env, empty, lambda marks: None)
             _measure(bare_argv, env, bare, bare_ok)
             _measure(mailflow_argv, env, mailflow, mailflow_ok)
+        # The same pair without site (python -S, the packages on PYTHONPATH), as mailflow's reader
+        # process starts: neither pays site's imports (pathlib among them, for the editable install's
+        # finder), so mailflow's own imports of them show.
+        no_site_env = child_env(base / "pycache", PYTHONPATH=os.pathsep.join(_import_roots()))
+        bare_no_site = ProcessFigures([], [])
+        mailflow_no_site = ProcessFigures([], [])
+        for _ in range(sizes.process_runs):
+            _measure([*python, "-S", *bare_argv[1:]], no_site_env, bare_no_site, bare_ok)
+            _measure([*python, "-S", *mailflow_argv[1:]], no_site_env, mailflow_no_site, mailflow_ok)
         say("returns: imports without a bytecode cache, and -X importtime")
         uncached = ProcessFigures([], [])
         for _ in range(min(3, sizes.process_runs)):
@@ -291,6 +312,11 @@ def run(*, quick: bool = False) -> list[str]:
         f"(best marks: {seconds(mailflow.best_mark('read'))} vs {seconds(bare.best_mark('read'))})",
         f"    the floor before reading a byte (start + imports + master) {seconds(floor)} = "
         f"{floor / bare_best.seconds:.2f}x the whole bare process",
+        f"    both without site (python -S, as mailflow's reader process starts): bare "
+        f"{seconds(bare_no_site.best()[0].seconds)}, mailflow {seconds(mailflow_no_site.best()[0].seconds)}, "
+        f"ratio {mailflow_no_site.best()[0].seconds / bare_no_site.best()[0].seconds:.2f}x "
+        f"(mailflow imports {seconds(mailflow_no_site.best_mark('imports'))}: what site imported for both "
+        "is mailflow's alone)",
         f"    imports without a bytecode cache (PYTHONDONTWRITEBYTECODE=1, as this shell has it): "
         f"{seconds(uncached.best_mark('imports'))} (whole process {seconds(min(r.seconds for r in uncached.runs))})",
         "    -X importtime of mailflow.returns: "

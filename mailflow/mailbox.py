@@ -454,7 +454,14 @@ class ImapSession:
             while True:
                 self._client.idle()
                 try:
-                    responses = self._client.idle_check(timeout=max(deadline - time.monotonic(), 0.0))
+                    if _input_waiting(self._client):
+                        # News in the same packet as "+ idling" (a message that arrived
+                        # between the NOOP and the IDLE): it is in imaplib's buffer, where
+                        # idle_check, which polls the socket, would leave it until the
+                        # deadline. idle_done reads it, with the end of IDLE.
+                        responses = []
+                    else:
+                        responses = self._client.idle_check(timeout=max(deadline - time.monotonic(), 0.0))
                 finally:
                     # Raises when the connection is gone: idle_check itself
                     # returns [] on end-of-file, just as on a timeout.
@@ -483,6 +490,21 @@ class ImapSession:
             self._client.logout()
         except (OSError, IMAPClientError):
             _shutdown(self._client)
+
+
+def _input_waiting(client: IMAPClient) -> bool:
+    """True when bytes from the server are already there to read: in imaplib's buffer, in the TLS
+    layer's or in the socket's. Never blocks."""
+    sock = client.socket()
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        # peek returns what is buffered, else what one non-blocking read gets.
+        return bool(client._imap.file.peek(1))
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return False
+    finally:
+        sock.settimeout(timeout)
 
 
 def _hierarchy(client: IMAPClient, capabilities: frozenset[str]) -> tuple[str | None, str]:

@@ -335,17 +335,10 @@ class MasterLayout:
     def __reduce__(self) -> tuple[Callable[..., MasterLayout], tuple[object, ...]]:
         # Pickled (and so cached) column by column: never the rows, the index
         # or anything else worked out from the columns.
-        fields = (self.sheet, self.header_row, self.key_col, self.fill_col, self.headers, self.keys)
-        return MasterLayout.from_columns, (
-            *fields,
-            self.row_numbers,
-            self.fills,
-            self.labels,
-            self.columns,
-            self.widths,
-        )
+        return MasterLayout.from_columns, self._fields()
 
     def _fields(self) -> tuple[object, ...]:
+        """The fields, in :meth:`from_columns`'s order."""
         return tuple(map(self.__dict__.__getitem__, _LAYOUT_FIELDS))
 
     def __eq__(self, other: object) -> bool:
@@ -405,7 +398,8 @@ _LAYOUT_FIELDS = (
     "columns",
     "widths",
 )
-"""What a :class:`MasterLayout` is made of: what two equal layouts share, and what its repr shows."""
+"""What a :class:`MasterLayout` is made of, in :meth:`MasterLayout.from_columns`'s order: what two equal
+layouts share, what its repr shows and what it is pickled as."""
 
 
 if TYPE_CHECKING:

@@ -454,6 +454,31 @@ def test_wait_for_change_reports_at_once_what_arrived_before_it_began(
 
 
 @pytest.mark.servers
+def test_wait_for_change_sees_a_message_that_arrived_between_its_noop_and_its_idle(
+    imap_account: ImapAccount, open_session: Callable[..., ImapSession]
+) -> None:
+    """Dovecot tells of it in the packet of "+ idling": read into imaplib's buffer with the
+    continuation, it is not seen by polling the socket, and used to wait for the deadline."""
+    session = open_session()
+    client = session._client  # type: ignore[attr-defined]
+    start_idle = client.idle
+    started_idle: list[float] = []
+
+    def append_then_idle() -> None:
+        imap_account.append("INBOX", raw_message(1))
+        time.sleep(0.8)  # past Dovecot's 500 ms notification delay: the news waits for IDLE's start
+        started_idle.append(time.monotonic())
+        start_idle()
+
+    client.idle = append_then_idle
+    assert session.wait_for_change(5) is True
+    assert time.monotonic() - started_idle[0] < 1.5
+    client.idle = start_idle
+    assert len(session.uids()) == 1  # the session is usable again after IDLE
+    assert session.wait_for_change(0.3) is False  # and nothing is reported twice
+
+
+@pytest.mark.servers
 def test_wait_for_change_times_out_quietly(open_session: Callable[..., ImapSession]) -> None:
     session = open_session()
     started = time.monotonic()

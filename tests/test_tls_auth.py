@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -276,6 +278,41 @@ def test_imap_tls_trusted_through_ca_file(tls_dovecot: DovecotServer, certs: Cer
     try:
         assert uid in session.uids()
         assert "STARTTLS" not in session.capabilities  # logged in, over TLS
+    finally:
+        session.close()
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize("security", ["ssl", "starttls"])
+def test_imap_idle_over_tls_sees_news_at_once(tls_dovecot: DovecotServer, certs: Certs, security: str) -> None:
+    """Over TLS too: news that came with "+ idling" (decrypted into the TLS layer or imaplib's
+    buffer) ends the wait at once, as news after it does, and an empty wait times out."""
+    session = ImapMailbox(imap_settings(tls_dovecot, security, ca_file=certs.ca)).open()
+    try:
+        before = len(session.uids())  # the server is shared by this module's tests
+        assert session.wait_for_change(0.3) is False
+        client = session._client  # type: ignore[attr-defined]
+        start_idle = client.idle
+
+        def append_then_idle() -> None:
+            tls_dovecot.append(USER, "INBOX", b"Subject: between NOOP and IDLE\r\n\r\nhello\r\n")
+            time.sleep(0.8)  # past Dovecot's 500 ms notification delay
+            start_idle()
+
+        client.idle = append_then_idle
+        started = time.monotonic()
+        assert session.wait_for_change(5) is True
+        assert time.monotonic() - started < 2.5
+        client.idle = start_idle
+        timer = threading.Timer(0.3, tls_dovecot.append, args=(USER, "INBOX", b"Subject: later\r\n\r\nhi\r\n"))
+        timer.start()
+        try:
+            started = time.monotonic()
+            assert session.wait_for_change(5) is True
+            assert time.monotonic() - started < 3
+        finally:
+            timer.join()
+        assert len(session.uids()) == before + 2
     finally:
         session.close()
 

@@ -625,8 +625,8 @@ class _ZipScan:
     def _shared_strings_parts(self) -> set[str]:
         """The members a reader may take the shared strings from: ``xl/sharedStrings.xml`` (calamine's
         fixed name, any case) and whatever a relationship of the workbook names as shared strings."""
-        lowered = self._lowered()
-        found = {member.info.filename for name, member in lowered.items() if name == "xl/sharedstrings.xml"}
+        # Every member so named: a package may hold the name twice, in two cases.
+        found = {member.info.filename for member in self.members if member.info.filename.lower() == _SHARED_STRINGS}
         found |= {
             member.info.filename
             for _, kind, member in self._workbook_targets()
@@ -656,7 +656,7 @@ class _ZipScan:
             return None
         opened = {name for name in lowered if name.endswith(".rels")}
         opened |= {"[content_types].xml", "docprops/custom.xml", "xl/workbook.xml"}
-        opened |= {"xl/styles.xml", "xl/sharedstrings.xml"}
+        opened |= {"xl/styles.xml", _SHARED_STRINGS}
         opened |= {
             member.info.filename.lower()
             for _, kind, member in self._workbook_targets()
@@ -724,6 +724,7 @@ class _ZipScan:
 _SHEET_TAG = re.compile(rb"<(?:[A-Za-z_][\w.\-]*:)?sheet\s[^>]*>")
 _ID_ATTRIBUTE = re.compile(rb'\s(?:[A-Za-z_][\w.\-]*:)?id\s*=\s*["\']([^"\']*)["\']')
 _RELATIONSHIP_TAG = re.compile(rb"<(?:[A-Za-z_][\w.\-]*:)?Relationship\s[^>]*>")
+_SHARED_STRINGS = "xl/sharedstrings.xml"  # where calamine reads them from, in any case
 _SHEET_TYPES = (b"/worksheet", b"/chartsheet", b"/dialogsheet", b"/macrosheet")
 # Workbook relationships whose parts calamine never opens (tests/test_returns.py proves it part by part).
 _UNOPENED_TYPES = (b"/theme",)

@@ -1192,6 +1192,21 @@ def hostile_files() -> dict[str, tuple[str, bytes]]:
             "Plan.xlsx",
             xlsx_package([("Plan", rows_xml([("Code",)]))], extra={"XL/SHAREDSTRINGS.XML": shared}),
         ),
+        # Two tables, the name in two cases, the hostile one also a sheet: calamine reads it.
+        "shared strings count, the name twice": (
+            "Plan.xlsx",
+            xlsx_package(
+                [("Plan", rows_xml([("Code",)])), ("Strings", f'<?xml version="1.0"?>{shared}')],
+                extra={
+                    "xl/_rels/workbook.xml.rels": f'<Relationships xmlns="{PKG_REL_NS}">'
+                    f'<Relationship Id="rId1" Type="{REL_NS}/worksheet" Target="worksheets/sheet1.xml"/>'
+                    f'<Relationship Id="rId2" Type="{REL_NS}/worksheet" Target="SharedStrings.xml"/>'
+                    "</Relationships>",
+                    "xl/sharedStrings.xml": f'<sst xmlns="{MAIN_NS}" count="1" uniqueCount="1"><si><t>x</t></si></sst>',
+                    "xl/SharedStrings.xml": f'<?xml version="1.0"?>{shared}',
+                },
+            ),
+        ),
         # The table is also a sheet of the workbook: sheets need no shared-strings check, this one does.
         "shared strings count in a part also read as a sheet": (
             "Plan.xlsx",

@@ -303,6 +303,8 @@ class ImapSession:
         self.prefix = prefix
         self._client = client
         self._where = where
+        # SELECT's EXISTS is the folder as it was opened: news only from here on.
+        self._told_of_new_messages()
 
     @contextmanager
     def _command(self, what: str) -> Iterator[None]:
@@ -319,6 +321,7 @@ class ImapSession:
     def uids(self) -> list[int]:
         with self._command(f"listing the messages of {self.server_folder}"):
             found = self._client.search(["ALL"])
+        self._told_of_new_messages()  # what the server told of so far, this SEARCH has found
         return sorted(int(uid) for uid in found)
 
     def uids_after(self, last_uid: int) -> list[int]:
@@ -326,7 +329,20 @@ class ImapSession:
         # even when that UID is below n, hence the filter.
         with self._command(f"searching {self.server_folder} for new messages"):
             found = self._client.search(["UID", f"{max(last_uid, 0) + 1}:*"])
+        self._told_of_new_messages()  # what the server told of so far, this SEARCH has found
         return sorted(uid for uid in (int(u) for u in found) if uid > last_uid)
+
+    def _told_of_new_messages(self) -> bool:
+        """True if the server told of new messages (EXISTS) since the last call; forgets that it did.
+
+        A message that arrives while a pass reads the inbox, after its SEARCH, is told in the
+        answer to a later command (a FETCH, the MOVE), once: imaplib keeps the EXISTS no command
+        asked for, and the next NOOP or IDLE would not tell it again."""
+        imap = self._client._imap
+        for notice in ("EXPUNGE", "RECENT"):
+            imap.response(notice)  # kept by imaplib too, never used: they would pile up for as long as we run
+        _, data = imap.response("EXISTS")
+        return bool(data != [None])
 
     def fetch(self, uids: Sequence[int], max_bytes: int) -> Iterator[Fetched]:
         wanted = sorted(set(uids))
@@ -442,8 +458,16 @@ class ImapSession:
         Raises :class:`MailboxError` when the connection is lost meanwhile.
         """
         deadline = time.monotonic() + max(timeout, 0.0)
-        if "IDLE" not in self.capabilities:
-            return self._poll_for_change(deadline)
+        if self._told_of_new_messages():
+            return True  # during the last pass, after its SEARCH
+        try:
+            if "IDLE" not in self.capabilities:
+                return self._poll_for_change(deadline)
+            return self._idle_for_change(deadline)
+        finally:
+            self._told_of_new_messages()  # what this wait was told, it reports now: not again next time
+
+    def _idle_for_change(self, deadline: float) -> bool:
         with self._command(f"waiting for new messages in {self.server_folder}"):
             # What arrived since the last command is told on the next one. Were
             # that IDLE, the news would come in the same packet as its "+ idling"

@@ -479,6 +479,46 @@ def test_wait_for_change_sees_a_message_that_arrived_between_its_noop_and_its_id
 
 
 @pytest.mark.servers
+@pytest.mark.parametrize("told_by", ["fetch", "move"])
+def test_wait_for_change_sees_a_message_told_while_the_last_pass_read_the_inbox(
+    imap_account: ImapAccount, open_session: Callable[..., ImapSession], told_by: str
+) -> None:
+    """A message arriving after a pass's SEARCH is told once, in the answer to its FETCH or MOVE;
+    the wait that follows the pass reports it at once instead of missing it until the renewal."""
+    session = open_session()
+    assert session.wait_for_change(0.2) is False  # what SELECT told is not news
+    imap_account.append("INBOX", raw_message(1))
+    assert session.wait_for_change(5) is True
+    first = session.uids()
+    assert len(first) == 1
+    imap_account.append("INBOX", raw_message(2))  # while the pass reads the first one
+    time.sleep(0.8)  # past Dovecot's 500 ms: the next command's answer tells of it
+    if told_by == "fetch":
+        assert [fetched.uid for fetched in session.fetch(first, 10_000_000)] == first
+    else:
+        session.move(first, "Processed")
+    started = time.monotonic()
+    assert session.wait_for_change(5) is True
+    assert time.monotonic() - started < 0.5
+    assert len(session.uids_after(first[0])) == 1
+    # Told once, reported once: with nothing new, the next wait times out.
+    assert session.wait_for_change(0.3) is False
+    # And imaplib keeps none of these notices piling up in a service that runs for months.
+    kept = session._client._imap.untagged_responses  # type: ignore[attr-defined]
+    assert not {"EXISTS", "EXPUNGE", "RECENT"} & set(kept), kept
+
+
+@pytest.mark.servers
+def test_wait_for_change_reports_news_once_even_without_a_search_between(
+    imap_account: ImapAccount, open_session: Callable[..., ImapSession]
+) -> None:
+    session = open_session()
+    imap_account.append("INBOX", raw_message(1))
+    assert session.wait_for_change(5) is True
+    assert session.wait_for_change(0.3) is False
+
+
+@pytest.mark.servers
 def test_wait_for_change_times_out_quietly(open_session: Callable[..., ImapSession]) -> None:
     session = open_session()
     started = time.monotonic()

@@ -1167,6 +1167,18 @@ def huge_xls_dimensions(data: bytearray, offset: int, kind: int) -> bool:
 def hostile_files() -> dict[str, tuple[str, bytes]]:
     """Files that make python-calamine 0.9 (calamine 0.37) abort the process or exhaust memory unless refused first."""
     shared = f'<sst xmlns="{MAIN_NS}" count="1" uniqueCount="2000000000"><si><t>x</t></si></sst>'
+    table = f'<?xml version="1.0"?>{shared}'
+
+    def with_a_sheet_at(target: str, members: Mapping[str, str]) -> bytes:
+        """The plan, and a second sheet (the hostile table) that the workbook finds at xl/``target``."""
+        rels = (
+            f'<Relationships xmlns="{PKG_REL_NS}">'
+            f'<Relationship Id="rId1" Type="{REL_NS}/worksheet" Target="worksheets/sheet1.xml"/>'
+            f'<Relationship Id="rId2" Type="{REL_NS}/worksheet" Target="{target}"/></Relationships>'
+        )
+        sheets = [("Plan", rows_xml([("Code",)])), ("Strings", table)]
+        return xlsx_package(sheets, extra={"xl/_rels/workbook.xml.rels": rels, **members})
+
     return {
         "far cell": (
             "Plan.xlsx",
@@ -1195,31 +1207,18 @@ def hostile_files() -> dict[str, tuple[str, bytes]]:
         # Two tables, the name in two cases, the hostile one also a sheet: calamine reads it.
         "shared strings count, the name twice": (
             "Plan.xlsx",
-            xlsx_package(
-                [("Plan", rows_xml([("Code",)])), ("Strings", f'<?xml version="1.0"?>{shared}')],
-                extra={
-                    "xl/_rels/workbook.xml.rels": f'<Relationships xmlns="{PKG_REL_NS}">'
-                    f'<Relationship Id="rId1" Type="{REL_NS}/worksheet" Target="worksheets/sheet1.xml"/>'
-                    f'<Relationship Id="rId2" Type="{REL_NS}/worksheet" Target="SharedStrings.xml"/>'
-                    "</Relationships>",
+            with_a_sheet_at(
+                "SharedStrings.xml",
+                {
                     "xl/sharedStrings.xml": f'<sst xmlns="{MAIN_NS}" count="1" uniqueCount="1"><si><t>x</t></si></sst>',
-                    "xl/SharedStrings.xml": f'<?xml version="1.0"?>{shared}',
+                    "xl/SharedStrings.xml": table,
                 },
             ),
         ),
         # The table is also a sheet of the workbook: sheets need no shared-strings check, this one does.
         "shared strings count in a part also read as a sheet": (
             "Plan.xlsx",
-            xlsx_package(
-                [("Plan", rows_xml([("Code",)])), ("Strings", f'<?xml version="1.0"?>{shared}')],
-                extra={
-                    "xl/_rels/workbook.xml.rels": f'<Relationships xmlns="{PKG_REL_NS}">'
-                    f'<Relationship Id="rId1" Type="{REL_NS}/worksheet" Target="worksheets/sheet1.xml"/>'
-                    f'<Relationship Id="rId2" Type="{REL_NS}/worksheet" Target="sharedStrings.xml"/>'
-                    "</Relationships>",
-                    "xl/sharedStrings.xml": f'<?xml version="1.0"?>{shared}',
-                },
-            ),
+            with_a_sheet_at("sharedStrings.xml", {"xl/sharedStrings.xml": table}),
         ),
         "xls far cell": ("plan.xls", patched_xls(far_xls_cell)),
         "xls dimensions": ("plan.xls", patched_xls(huge_xls_dimensions)),

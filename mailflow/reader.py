@@ -43,8 +43,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 from mailflow import reasons
 from mailflow.returns import STATUS_UNREADABLE, ReturnLimits, ReturnReading, read_return, sniff_format
@@ -71,9 +70,10 @@ _BOOT = (
 )
 
 
-@dataclass(frozen=True)
-class Job:
-    """One file to read, with what it is compared with."""
+class Job(NamedTuple):
+    """One file to read, with what it is compared with.
+
+    (A NamedTuple, like the values of :mod:`mailflow.returns`: the worker never imports dataclasses.)"""
 
     data: bytes
     filename: str
@@ -99,8 +99,7 @@ class Reader(Protocol):
         """Stop any worker; readings not yet collected are dropped."""
 
 
-@dataclass(frozen=True)
-class _Done:
+class _Done(NamedTuple):
     reading: ReturnReading
 
     def result(self) -> ReturnReading:

@@ -185,13 +185,15 @@ def test_cell_text(value: CellValue, text: str) -> None:
 
 
 def test_a_sheet_of_text_and_numbers_is_read_without_importing_datetime(tmp_path: Path) -> None:
-    """Dates are rare in a plan: reading a return imports datetime only for one, and never dataclasses."""
+    """Dates are rare in a plan: reading a return (here or in the reader process) imports datetime only for
+    one, and never dataclasses."""
     data = build_sample_plan(actions_per_line=(3, 3))
     (tmp_path / "plan.xlsx").write_bytes(data)
     (tmp_path / "layout.pickle").write_bytes(pickle.dumps(parse_workbook(data, "Code", "Responsible")))
     code = (
         "import pickle, sys\n"
         "from pathlib import Path\n"
+        "import mailflow.reader  # what the reader process imports\n"
         "from mailflow.returns import read_return\n"
         "base = Path(sys.argv[1])\n"
         "layout = pickle.loads((base / 'layout.pickle').read_bytes())\n"

@@ -44,6 +44,7 @@ from babel.dates import get_timezone_location
 from mailflow.config import Config, Meeting, Secretariat, zone
 from mailflow.errors import MailflowError
 from mailflow.render import Attachment, format_date, timezone_label
+from mailflow.render import zone_label as cldr_zone_label
 
 MEETING = "meeting"
 """The ``X-Mailflow-Kind`` of every meeting email, and the name of its templates."""
@@ -650,12 +651,12 @@ def zone_label(recipient: Recipient) -> str:
     """The reader's local time named in its language: ``hora de Honduras``; an observer's is the zone's."""
     if recipient.delegation:
         return timezone_label(recipient.name, recipient.language)
-    return str(get_timezone_location(zone(recipient.timezone), locale=recipient.language))
+    return cldr_zone_label(zone(recipient.timezone), recipient.language)
 
 
 def place_label(name: str, timezone: str, language: str) -> str:
     """A delegation in the table of times, with its zone's city when its country has several zones."""
-    location = str(get_timezone_location(zone(timezone), locale=language))
+    location = cldr_zone_label(zone(timezone), language)
     if "(" not in location:
         return name
     city = str(get_timezone_location(zone(timezone), locale=language, return_city=True))

@@ -1509,12 +1509,15 @@ def _compare(plan: _Plan, layout: MasterLayout, fmt: str, fingerprint: Fingerpri
                 cells.extend([""] * (width - len(cells)))
     row_keys = _texts(map(operator.itemgetter(key), rows))
     keys = layout.keys
+    master_columns = {index: layout.column(index) for index, _, _ in pairs}
     if _in_plan_order(row_keys, layout):
-        answers, changed = _compare_in_order(rows, row_keys, top, layout, pairs, fill)
+        answers, changed = _compare_in_order(rows, row_keys, top, layout, pairs, master_columns, fill)
         added: list[RowChange] = []
         deleted: tuple[RowChange, ...] = ()
     else:
-        answers, added, deleted, changed = _compare_row_by_row(rows, row_keys, top, layout, pairs, key, fill)
+        answers, added, deleted, changed = _compare_row_by_row(
+            rows, row_keys, top, layout, pairs, master_columns, key, fill
+        )
     return ReturnReading(
         status=STATUS_PARSED,
         reason=None,
@@ -1568,6 +1571,7 @@ def _compare_in_order(
     top: int,
     layout: MasterLayout,
     pairs: list[tuple[int, int, str]],
+    master_columns: Mapping[int, tuple[str, ...]],
     fill: int,
 ) -> tuple[dict[str, str], list[RowChange]]:
     """What :func:`_compare_row_by_row` finds when the keyed rows are the plan's rows in order, column by column:
@@ -1581,7 +1585,6 @@ def _compare_in_order(
     texts = _texts(map(operator.itemgetter(fill), keyed))
     # In master order, as the row-by-row walk gives them.
     answers = _answers(keys, texts)
-    master_columns = {index: layout.column(index) for index, _, _ in pairs}
     differing: set[int] = set()
     for master_index, returned_index, _ in pairs:
         returned = tuple(map(operator.itemgetter(returned_index), keyed))
@@ -1600,6 +1603,7 @@ def _compare_row_by_row(
     top: int,
     layout: MasterLayout,
     pairs: list[tuple[int, int, str]],
+    master_columns: Mapping[int, tuple[str, ...]],
     key: int,
     fill: int,
 ) -> tuple[dict[str, str], list[RowChange], tuple[RowChange, ...], list[RowChange]]:
@@ -1610,7 +1614,6 @@ def _compare_row_by_row(
     returned_cells = operator.itemgetter(*(returned for _, returned, _ in pairs), key)
     # The master's side of that comparison: the same cells of each master
     # row, taken from its columns ("" beyond a row's values, as before).
-    master_columns = {index: layout.column(index) for index, _, _ in pairs}
     master_keys = layout.column(layout.key_col - 1)
     master_cells = list(zip(*(master_columns[index] for index, _, _ in pairs), master_keys, strict=True))
     position = layout.positions.get
